@@ -1,0 +1,114 @@
+"""All configuration, read once from the environment into one typed `Settings`.
+
+This is the only module that reads `os.environ`. Every field is documented in README.md; the
+environment variable is the field name in upper case (e.g. `model_uri` <- `MODEL_URI`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_MODEL_PATH = "/opt/models/model.gguf"
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message is one line naming the variable."""
+
+
+def available_cpus() -> int:
+    """vCPUs this process may run on (Lambda gives 1-6 depending on memory)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover - non-Linux
+        return max(1, os.cpu_count() or 1)
+
+
+class Settings(BaseSettings):
+    """Runtime settings; each field is an environment variable of the same name, upper-cased."""
+
+    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+
+    # Model source
+    model_uri: str = Field(DEFAULT_MODEL_PATH, description="Path, file:// URI or s3://bucket/key")
+    model_sha256: str | None = Field(None, description="Expected sha256 of the model file")
+    model_verify_hash: bool = Field(False, description="Hash local/EFS models at init (slow)")
+    model_cache_dir: Path = Field(Path("/tmp/models"), description="Where S3 models are cached")
+    model_alias: str | None = Field(None, description="Model id served by /v1/models")
+
+    # Engine
+    warmup: Literal["lazy", "init", "off"] = "lazy"
+    init_budget_s: float = Field(8.0, gt=0, le=10)
+    n_ctx: int = Field(2048, ge=64, le=1_048_576)
+    n_batch: int = Field(512, ge=1)
+    n_threads: int = Field(default_factory=available_cpus, ge=1, le=512)
+    n_gpu_layers: int = Field(0, ge=-1)
+    max_tokens_cap: int = Field(4096, ge=1)
+    deadline_margin_ms: int = Field(500, ge=0)
+
+    # API
+    api_key: SecretStr | None = None
+    max_request_bytes: int = Field(1_048_576, ge=1024)
+    max_messages: int = Field(256, ge=1)
+
+    # Server mode
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: Any, *_: Any, **__: Any
+    ) -> tuple[Any, ...]:
+        # load_settings() does the environment lookup itself, so tests can pass a plain dict.
+        return (init_settings,)
+
+    @field_validator("model_sha256")
+    @classmethod
+    def _sha256_hex(cls, value: str | None) -> str | None:
+        if value is None or value == "":
+            return None
+        value = value.strip().lower()
+        if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+            raise ValueError("must be 64 hex characters")
+        return value
+
+    @field_validator("model_uri")
+    @classmethod
+    def _uri_not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value.strip()
+
+    @property
+    def model_id(self) -> str:
+        """The model name callers see; the file's stem unless MODEL_ALIAS is set."""
+        if self.model_alias:
+            return self.model_alias
+        name = self.model_uri.rstrip("/").rsplit("/", 1)[-1]
+        return name.removesuffix(".gguf") or "model"
+
+
+def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
+    """Read settings from `environ` (default: the process environment), one clear error if bad."""
+    env = dict(os.environ if environ is None else environ)
+    fields = Settings.model_fields
+    # Only pass our own variables so unrelated environment never influences parsing.
+    values = {
+        name: env[name.upper()]
+        for name in fields
+        if name.upper() in env and env[name.upper()] != ""
+    }
+    try:
+        return Settings(**values)  # type: ignore[arg-type]
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = str(first["loc"][0]).upper() if first["loc"] else "settings"
+        got = values.get(name.lower(), "")
+        shown = "<secret>" if name == "API_KEY" else repr(got)
+        raise ConfigError(f"invalid {name}={shown}: {first['msg']}") from None

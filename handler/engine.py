@@ -1,0 +1,528 @@
+"""The engine: owns the llama.cpp model, its lifecycle and every call into it.
+
+States: cold -> loading -> ready -> warm, or failed with a reason. The load is an mmap (near
+constant time in model size); warm-up is one tiny evaluation that touches the weights. Every
+llama.cpp compute call runs on one dedicated engine thread: a new calling thread would bring a
+second OpenMP pool onto Lambda's few vCPUs. That thread also serialises generations (one at a time).
+"""
+
+from __future__ import annotations
+
+import codecs
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from handler.config import Settings
+from handler.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady
+from handler.model_source import ResolvedModel, resolve_model
+
+log = logging.getLogger("coldstart.engine")
+
+WARMUP_PROMPT = "Hi"
+
+
+class EngineState(StrEnum):
+    """Lifecycle of the model; visible to callers through readiness and the keep-warm ping."""
+
+    COLD = "cold"
+    LOADING = "loading"
+    READY = "ready"
+    WARM = "warm"
+    FAILED = "failed"
+
+
+LOADED_STATES = (EngineState.READY, EngineState.WARM)
+
+
+@dataclass
+class Phases:
+    """Wall-clock phase durations in seconds, for metrics and the cold-start waterfall."""
+
+    resolve_s: float | None = None
+    import_s: float | None = None
+    load_s: float | None = None
+    warmup_s: float | None = None
+
+
+@dataclass(frozen=True)
+class EngineStatus:
+    """A snapshot of the engine's state for readiness, pings and metrics."""
+
+    state: EngineState
+    reason: str | None
+    model_id: str
+    model_path: str | None
+    model_bytes: int | None
+    phases: Phases
+    queue_depth: int
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "state": self.state.value,
+            "reason": self.reason,
+            "model": self.model_id,
+            "model_bytes": self.model_bytes,
+            "phases_s": {k: v for k, v in vars(self.phases).items() if v is not None},
+            "queue_depth": self.queue_depth,
+        }
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the sampler and stopping logic need for one generation."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Filled in when a generation ends."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    time_to_first_token_s: float | None = None
+    decode_tokens_per_s: float | None = None
+
+
+_END = object()
+
+
+@dataclass
+class Generation:
+    """An iterator of text pieces produced on the engine thread; `result` is set at the end."""
+
+    _pieces: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    result: GenerationResult = field(default_factory=GenerationResult)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._pieces.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this generation at the next token (client went away)."""
+        self._cancel.set()
+
+    def text(self) -> str:
+        """Consume the whole generation and return its text."""
+        return "".join(self)
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back only what could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop sequence was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Text held back when generation ended without a stop."""
+        out, self.pending = self.pending, ""
+        return out
+
+
+class Engine:
+    """Loads the model on its own thread and runs every llama.cpp call there."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Callable[[Settings], ResolvedModel] = resolve_model,
+    ) -> None:
+        self.settings = settings
+        self._resolver = resolver
+        self._state = EngineState.COLD
+        self._reason: str | None = None
+        self._model: ResolvedModel | None = None
+        self._llm: Any = None
+        self._embedder: Any = None
+        self._chat_formatter: Any = None
+        self._vocab: Any = None
+        self._llama_cpp: Any = None
+        self._phases = Phases()
+        self._state_changed = threading.Condition()
+        self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
+        self._thread: threading.Thread | None = None
+        self._warm_lock = threading.Lock()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Start the engine thread, which resolves and loads the model, then serves jobs."""
+        if self._thread is not None:
+            return
+        self._set_state(EngineState.LOADING)
+        self._thread = threading.Thread(target=self._run, name="coldstart-engine", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout_s: float | None) -> EngineState:
+        """Block until the model is loaded or failed, or until `timeout_s`; return the state."""
+        with self._state_changed:
+            self._state_changed.wait_for(
+                lambda: self._state not in (EngineState.COLD, EngineState.LOADING), timeout_s
+            )
+            return self._state
+
+    def require_loaded(self, deadline: float | None) -> None:
+        """Wait for the model until `deadline` (monotonic); raise a 503 error if it is not there."""
+        if self._state in LOADED_STATES:
+            return
+        if self._state is EngineState.COLD:
+            self.start()
+        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        state = self.wait_loaded(timeout)
+        if state is EngineState.FAILED:
+            raise ModelNotReady(f"model failed to load: {self._reason}", retry_after_s=60)
+        if state not in LOADED_STATES:
+            raise ModelNotReady("model is still loading", retry_after_s=2)
+
+    def status(self) -> EngineStatus:
+        """Current state and what is known about the model."""
+        model = self._model
+        return EngineStatus(
+            state=self._state,
+            reason=self._reason,
+            model_id=self.settings.model_id,
+            model_path=str(model.path) if model else None,
+            model_bytes=model.size_bytes if model else None,
+            phases=self._phases,
+            queue_depth=self._jobs.qsize(),
+        )
+
+    @property
+    def state(self) -> EngineState:
+        """The lifecycle state."""
+        return self._state
+
+    def warm_up(self, deadline: float | None = None) -> EngineStatus:
+        """Run the tiny warm-up evaluation once (later calls return at once)."""
+        self.require_loaded(deadline)
+        with self._warm_lock:
+            if self._state is EngineState.READY:
+                self._submit(self._warm_up_on_engine_thread).result()
+        return self.status()
+
+    def _set_state(self, state: EngineState, reason: str | None = None) -> None:
+        with self._state_changed:
+            self._state = state
+            self._reason = reason
+            self._state_changed.notify_all()
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - any load failure becomes the `failed` state
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("model load failed: %s", reason)
+            self._set_state(EngineState.FAILED, reason)
+        else:
+            self._set_state(EngineState.READY)
+            if self.settings.warmup == "init":
+                self._warm_up_on_engine_thread()
+        while True:
+            job, future = self._jobs.get()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(job())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        self._model = self._resolver(self.settings)
+        self._phases.resolve_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        import llama_cpp
+
+        self._llama_cpp = llama_cpp
+        self._phases.import_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        path = str(self._model.path)
+        try:
+            self._llm = llama_cpp.Llama(
+                model_path=path,
+                n_ctx=self.settings.n_ctx,
+                n_batch=self.settings.n_batch,
+                n_threads=self.settings.n_threads,
+                n_threads_batch=self.settings.n_threads,
+                n_gpu_layers=self.settings.n_gpu_layers,
+                use_mmap=True,
+                verbose=self.settings.log_level == "debug",
+            )
+        except ValueError as exc:
+            raise RuntimeError(f"model {path}: llama.cpp could not load it ({exc})") from None
+        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
+        self._chat_formatter = self._build_chat_formatter()
+        self._phases.load_s = time.perf_counter() - started
+        log.info(
+            "model loaded: %s (%d bytes) in %.3fs",
+            path,
+            self._model.size_bytes,
+            self._phases.load_s,
+        )
+
+    def _build_chat_formatter(self) -> Any:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        template = self._llm.metadata.get("tokenizer.chat_template")
+        if not template:
+            return None
+        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode(errors="replace")
+        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode(errors="replace")
+        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+
+    def _warm_up_on_engine_thread(self) -> None:
+        if self._state is not EngineState.READY:
+            return
+        started = time.perf_counter()
+        tokens = self._llm.tokenize(WARMUP_PROMPT.encode(), add_bos=True, special=False)
+        for _ in self._llm.generate(tokens, temp=0.0, reset=True):
+            break
+        self._llm.reset()
+        self._phases.warmup_s = time.perf_counter() - started
+        self._set_state(EngineState.WARM)
+        log.info("model warm in %.3fs", self._phases.warmup_s)
+
+    def _submit(self, job: Callable[[], Any]) -> Future[Any]:
+        future: Future[Any] = Future()
+        self._jobs.put((job, future))
+        return future
+
+    # ----------------------------------------------------------------- prompts
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+        """Render messages with the model's chat template; return (tokens, template stops)."""
+        self._ensure_usable()
+        if self._chat_formatter is None:
+            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
+            return self.tokenize(text + "assistant:", add_bos=True), ()
+        try:
+            rendered = self._chat_formatter(messages=messages)
+        except Exception as exc:  # noqa: BLE001 - a template error is the caller's input
+            raise InvalidRequest(
+                f"messages could not be rendered by the chat template: {exc}", param="messages"
+            ) from None
+        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
+        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
+        return tokens, tuple(s for s in stops if s)
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of `text` (read-only vocabulary access: safe off the engine thread)."""
+        self._ensure_usable()
+        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """Return the completion budget, or raise `context_length_exceeded`."""
+        n_ctx = self.settings.n_ctx
+        if max_tokens is not None and prompt_tokens + max_tokens > n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, you requested "
+                f"{prompt_tokens + max_tokens} tokens ({prompt_tokens} in the prompt, "
+                f"{max_tokens} for the completion). Please reduce the prompt or the completion.",
+                param=param,
+            )
+        if prompt_tokens >= n_ctx:
+            raise ContextLengthExceeded(
+                f"This model's maximum context length is {n_ctx} tokens. However, your prompt "
+                f"has {prompt_tokens} tokens. Please reduce the length of the prompt.",
+                param=param,
+            )
+        room = n_ctx - prompt_tokens
+        return min(
+            room, max_tokens if max_tokens is not None else room, self.settings.max_tokens_cap
+        )
+
+    def _ensure_usable(self) -> None:
+        if self._llm is None:
+            raise ModelNotReady(f"model not loaded ({self._state.value})", retry_after_s=2)
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None = None
+    ) -> Generation:
+        """Queue a generation; iterate the returned object for text pieces as they are decoded."""
+        self._ensure_usable()
+        generation = Generation()
+        generation.result.prompt_tokens = len(prompt)
+        queued_at = time.perf_counter()
+
+        def job() -> None:
+            try:
+                generation.result.queue_s = time.perf_counter() - queued_at
+                self._decode(prompt, params, deadline, generation)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
+                generation._pieces.put(exc)
+            finally:
+                generation._pieces.put(_END)
+
+        self._submit(job)
+        return generation
+
+    def _decode(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+    ) -> None:
+        llm, lib, result = self._llm, self._llama_cpp, out.result
+        if self._state is EngineState.READY:
+            self._set_state(EngineState.WARM)  # the first real request warms the model
+        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(params.stop)
+        piece = _PieceReader(lib, self._vocab)
+        result.finish_reason = "length"
+        if params.max_tokens <= 0 or _past(deadline):
+            return
+        started = time.perf_counter()
+        first_at: float | None = None
+        hit_stop = False
+        temperature = params.temperature
+        tokens = llm.generate(
+            prompt,
+            temp=temperature,
+            top_k=params.top_k if temperature > 0 else 1,
+            top_p=params.top_p,
+            min_p=params.min_p,
+            typical_p=1.0,
+            repeat_penalty=params.repeat_penalty,
+            presence_penalty=params.presence_penalty,
+            frequency_penalty=params.frequency_penalty,
+            reset=True,
+        )
+        for token in tokens:
+            if first_at is None:
+                first_at = time.perf_counter()
+                result.time_to_first_token_s = first_at - started
+            if lib.llama_vocab_is_eog(self._vocab, token):
+                result.finish_reason = "stop"
+                break
+            result.completion_tokens += 1
+            text, hit_stop = stops.feed(decoder.decode(piece(token)))
+            if text:
+                out._pieces.put(text)
+            if hit_stop:
+                result.finish_reason = "stop"
+                break
+            if result.completion_tokens >= params.max_tokens:
+                break
+            if out._cancel.is_set() or _past(deadline):
+                break
+        if not hit_stop:
+            tail, hit_stop = stops.feed(decoder.decode(b"", final=True))
+            tail += "" if hit_stop else stops.flush()
+            if tail:
+                out._pieces.put(tail)
+        if first_at is not None and result.completion_tokens > 1:
+            elapsed = time.perf_counter() - first_at
+            result.decode_tokens_per_s = (
+                (result.completion_tokens - 1) / elapsed if elapsed else None
+            )
+
+    # ----------------------------------------------------------------- embeddings
+
+    def embed(
+        self, texts: list[str], deadline: float | None = None
+    ) -> tuple[list[list[float]], int]:
+        """Normalised embedding vectors and the token count, computed on the engine thread."""
+        self._ensure_usable()
+        for i, text in enumerate(texts):
+            n = len(self.tokenize(text, add_bos=True))
+            if n > self.settings.n_ctx:
+                raise ContextLengthExceeded(
+                    f"input[{i}] has {n} tokens; the maximum is {self.settings.n_ctx}",
+                    param="input",
+                )
+        future = self._submit(lambda: self._embed_on_engine_thread(texts))
+        timeout = None if deadline is None else max(0.1, deadline - time.monotonic())
+        return future.result(timeout=timeout)
+
+    def _embed_on_engine_thread(self, texts: list[str]) -> tuple[list[list[float]], int]:
+        if self._embedder is None:
+            # A second context on the same mmap'd weights: pages are shared, only the
+            # (small) embedding context is new. Built on first use, never at init.
+            self._embedder = self._llama_cpp.Llama(
+                model_path=str(self._model.path),  # type: ignore[union-attr]
+                n_ctx=self.settings.n_ctx,
+                n_batch=self.settings.n_ctx,
+                n_ubatch=self.settings.n_ctx,
+                n_threads=self.settings.n_threads,
+                n_threads_batch=self.settings.n_threads,
+                n_gpu_layers=self.settings.n_gpu_layers,
+                embedding=True,
+                pooling_type=self._llama_cpp.LLAMA_POOLING_TYPE_MEAN,
+                use_mmap=True,
+                verbose=False,
+            )
+        vectors, count = self._embedder.embed(texts, normalize=True, return_count=True)
+        return [list(map(float, v)) for v in vectors], int(count)
+
+
+class _PieceReader:
+    """Bytes of one token, with a buffer that grows for long pieces."""
+
+    def __init__(self, lib: Any, vocab: Any) -> None:
+        import ctypes
+
+        self._lib, self._vocab, self._ctypes = lib, vocab, ctypes
+        self._size = 64
+        self._buf = ctypes.create_string_buffer(self._size)
+
+    def __call__(self, token: int) -> bytes:
+        n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
+        if n < 0:
+            self._size = -n
+            self._buf = self._ctypes.create_string_buffer(self._size)
+            n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
+        return self._buf.raw[:n]
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

@@ -1,0 +1,284 @@
+"""The OpenAI API's logic, free of any web framework.
+
+FastAPI routes (`handler.api`) and direct Lambda invokes (`handler.lambda_function`) both call this,
+so a direct invoke runs exactly the same validation and generation as an HTTP request.
+Everything that can fail on input runs before the first streamed byte, so it becomes a 4xx.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from handler.config import Settings
+from handler.engine import Engine, Generation, SamplingParams
+from handler.errors import APIError, InvalidRequest
+from handler.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    encode_embedding,
+    model_card,
+    new_id,
+    now,
+    usage,
+)
+
+log = logging.getLogger("coldstart.api")
+
+
+@dataclass
+class Prepared:
+    """A validated request, ready to generate."""
+
+    prompt: list[int]
+    params: SamplingParams
+
+
+class OpenAIService:
+    """Chat completions, completions, embeddings and models on one engine."""
+
+    def __init__(self, engine: Engine, settings: Settings) -> None:
+        self.engine = engine
+        self.settings = settings
+        self.created = now()
+
+    # ------------------------------------------------------------- models
+
+    def models(self) -> dict[str, Any]:
+        """GET /v1/models."""
+        return {"object": "list", "data": [model_card(self.settings.model_id, self.created)]}
+
+    def model(self, model_id: str) -> dict[str, Any]:
+        """GET /v1/models/{id}."""
+        if model_id != self.settings.model_id:
+            raise APIError(
+                f"The model '{model_id}' does not exist",
+                param="model",
+                code="model_not_found",
+                status=404,
+            )
+        return model_card(model_id, self.created)
+
+    # ------------------------------------------------------------- chat
+
+    def prepare_chat(self, req: ChatCompletionRequest, deadline: float | None) -> Prepared:
+        """Validate, render the chat template and size the completion."""
+        if len(req.messages) > self.settings.max_messages:
+            raise InvalidRequest(
+                f"too many messages: {len(req.messages)} > {self.settings.max_messages}",
+                param="messages",
+            )
+        self.engine.require_loaded(deadline)
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in req.messages
+        ]
+        prompt, template_stops = self.engine.chat_prompt(messages)
+        return Prepared(prompt, self._params(req, len(prompt), "messages", template_stops))
+
+    def chat(self, req: ChatCompletionRequest, deadline: float | None) -> dict[str, Any]:
+        """A complete chat completion."""
+        prepared = self.prepare_chat(req, deadline)
+        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        text = generation.text()
+        result = generation.result
+        self._log(req, generation)
+        return {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion",
+            "created": now(),
+            "model": self.settings.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage(result.prompt_tokens, result.completion_tokens),
+            "system_fingerprint": None,
+        }
+
+    def chat_stream(
+        self, req: ChatCompletionRequest, deadline: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """Validate now, then return an iterator of `chat.completion.chunk` objects."""
+        prepared = self.prepare_chat(req, deadline)
+        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        return self._chat_chunks(req, generation)
+
+    def _chat_chunks(
+        self, req: ChatCompletionRequest, generation: Generation
+    ) -> Iterator[dict[str, Any]]:
+        base = {
+            "id": new_id("chatcmpl"),
+            "object": "chat.completion.chunk",
+            "created": now(),
+            "model": self.settings.model_id,
+            "system_fingerprint": None,
+        }
+        extra = {"usage": None} if req.include_usage else {}
+
+        def chunk(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        try:
+            yield chunk({"role": "assistant", "content": ""})
+            for piece in generation:
+                yield chunk({"content": piece})
+            yield chunk({}, generation.result.finish_reason)
+            if req.include_usage:
+                r = generation.result
+                yield {**base, "choices": [], "usage": usage(r.prompt_tokens, r.completion_tokens)}
+        finally:
+            generation.cancel()
+            self._log(req, generation)
+
+    # ------------------------------------------------------------- completions
+
+    def prepare_completion(self, req: CompletionRequest, deadline: float | None) -> Prepared:
+        """Validate, tokenize and size the completion."""
+        self.engine.require_loaded(deadline)
+        prompt = self.engine.tokenize(req.prompt_text, add_bos=True)
+        return Prepared(prompt, self._params(req, len(prompt), "prompt", ()))
+
+    def completion(self, req: CompletionRequest, deadline: float | None) -> dict[str, Any]:
+        """A complete text completion."""
+        prepared = self.prepare_completion(req, deadline)
+        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        text = generation.text()
+        result = generation.result
+        self._log(req, generation)
+        return {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.settings.model_id,
+            "choices": [
+                {
+                    "index": 0,
+                    "text": (req.prompt_text + text) if req.echo else text,
+                    "logprobs": None,
+                    "finish_reason": result.finish_reason,
+                }
+            ],
+            "usage": usage(result.prompt_tokens, result.completion_tokens),
+        }
+
+    def completion_stream(
+        self, req: CompletionRequest, deadline: float | None
+    ) -> Iterator[dict[str, Any]]:
+        """Validate now, then return an iterator of `text_completion` chunks."""
+        prepared = self.prepare_completion(req, deadline)
+        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        return self._completion_chunks(req, generation)
+
+    def _completion_chunks(
+        self, req: CompletionRequest, generation: Generation
+    ) -> Iterator[dict[str, Any]]:
+        base = {
+            "id": new_id("cmpl"),
+            "object": "text_completion",
+            "created": now(),
+            "model": self.settings.model_id,
+        }
+        extra = {"usage": None} if req.include_usage else {}
+
+        def chunk(text: str, finish: str | None = None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+            return {**base, "choices": [choice], **extra}
+
+        try:
+            if req.echo:
+                yield chunk(req.prompt_text)
+            for piece in generation:
+                yield chunk(piece)
+            yield chunk("", generation.result.finish_reason)
+            if req.include_usage:
+                r = generation.result
+                yield {**base, "choices": [], "usage": usage(r.prompt_tokens, r.completion_tokens)}
+        finally:
+            generation.cancel()
+            self._log(req, generation)
+
+    # ------------------------------------------------------------- embeddings
+
+    def embeddings(self, req: EmbeddingRequest, deadline: float | None) -> dict[str, Any]:
+        """POST /v1/embeddings."""
+        self.engine.require_loaded(deadline)
+        texts = req.texts()
+        if any(not t for t in texts):
+            raise InvalidRequest("input must not contain empty strings", param="input")
+        vectors, n_tokens = self.engine.embed(texts, deadline)
+        if req.dimensions is not None and vectors and req.dimensions != len(vectors[0]):
+            raise InvalidRequest(
+                f"this model produces {len(vectors[0])} dimensions; "
+                f"dimensions={req.dimensions} is not supported",
+                param="dimensions",
+            )
+        return {
+            "object": "list",
+            "data": [
+                {
+                    "object": "embedding",
+                    "index": i,
+                    "embedding": encode_embedding(v, req.encoding_format),
+                }
+                for i, v in enumerate(vectors)
+            ],
+            "model": self.settings.model_id,
+            "usage": {"prompt_tokens": n_tokens, "total_tokens": n_tokens},
+        }
+
+    # ------------------------------------------------------------- shared
+
+    def _params(
+        self,
+        req: ChatCompletionRequest | CompletionRequest,
+        prompt_tokens: int,
+        param: str,
+        template_stops: tuple[str, ...],
+    ) -> SamplingParams:
+        limit = req.token_limit
+        cap = self.settings.max_tokens_cap
+        if limit is not None and limit > cap:
+            raise InvalidRequest(
+                f"max_tokens {limit} is above this server's cap of {cap}", param="max_tokens"
+            )
+        max_tokens = self.engine.check_fits(prompt_tokens, limit, param)
+        temperature = 1.0 if req.temperature is None else req.temperature
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=temperature,
+            top_p=1.0 if req.top_p is None else req.top_p,
+            presence_penalty=req.presence_penalty or 0.0,
+            frequency_penalty=req.frequency_penalty or 0.0,
+            stop=req.stop_list() + template_stops,
+            seed=req.seed,
+        )
+
+    def _log(self, req: Any, generation: Generation) -> None:
+        r = generation.result
+        log.info(
+            "%s done: prompt_tokens=%d completion_tokens=%d finish=%s queue_s=%.3f ttft_s=%s tps=%s",
+            type(req).__name__,
+            r.prompt_tokens,
+            r.completion_tokens,
+            r.finish_reason,
+            r.queue_s,
+            f"{r.time_to_first_token_s:.3f}" if r.time_to_first_token_s is not None else "-",
+            f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-",
+        )
+
+
+def monotonic_deadline(remaining_ms: int | None, margin_ms: int) -> float | None:
+    """A monotonic deadline from Lambda's remaining time, leaving `margin_ms` to respond."""
+    if remaining_ms is None:
+        return None
+    return time.monotonic() + max(0, remaining_ms - margin_ms) / 1000.0
