@@ -40,6 +40,11 @@ class Settings(BaseSettings):
     model_verify_hash: bool = Field(False, description="Hash local/EFS models at init (slow)")
     model_cache_dir: Path = Field(Path("/tmp/models"), description="Where S3 models are cached")
     model_alias: str | None = Field(None, description="Model id served by /v1/models")
+    model_size_bytes: int | None = Field(None, ge=1, description="Expected size (cheap check)")
+    s3_endpoint_url: str | None = Field(None, description="S3 endpoint override (tests, MinIO)")
+    s3_part_size_mb: int = Field(16, ge=5, le=512, description="Ranged GET part size")
+    s3_concurrency: int = Field(16, ge=1, le=64, description="Concurrent ranged GETs")
+    s3_max_attempts: int = Field(5, ge=1, le=20, description="Retries per request")
 
     # Engine
     warmup: Literal["lazy", "init", "off"] = "lazy"

@@ -22,7 +22,7 @@ from typing import Any
 
 from handler.config import Settings
 from handler.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady
-from handler.model_source import ResolvedModel, resolve_model
+from handler.model_source import Progress, ResolvedModel, resolve_model
 
 log = logging.getLogger("coldstart.engine")
 
@@ -63,6 +63,7 @@ class EngineStatus:
     model_bytes: int | None
     phases: Phases
     queue_depth: int
+    download: tuple[int, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -73,6 +74,11 @@ class EngineStatus:
             "model_bytes": self.model_bytes,
             "phases_s": {k: v for k, v in vars(self.phases).items() if v is not None},
             "queue_depth": self.queue_depth,
+            **(
+                {"download": {"bytes_done": self.download[0], "bytes_total": self.download[1]}}
+                if self.download
+                else {}
+            ),
         }
 
 
@@ -173,7 +179,7 @@ class Engine:
     def __init__(
         self,
         settings: Settings,
-        resolver: Callable[[Settings], ResolvedModel] = resolve_model,
+        resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
     ) -> None:
         self.settings = settings
         self._resolver = resolver
@@ -186,6 +192,7 @@ class Engine:
         self._vocab: Any = None
         self._llama_cpp: Any = None
         self._phases = Phases()
+        self._download: tuple[int, int] | None = None  # (bytes done, bytes total)
         self._state_changed = threading.Condition()
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
         self._thread: threading.Thread | None = None
@@ -233,6 +240,7 @@ class Engine:
             model_bytes=model.size_bytes if model else None,
             phases=self._phases,
             queue_depth=self._jobs.qsize(),
+            download=self._download,
         )
 
     @property
@@ -247,6 +255,9 @@ class Engine:
             if self._state is EngineState.READY:
                 self._submit(self._warm_up_on_engine_thread).result()
         return self.status()
+
+    def _on_download_progress(self, done: int, total: int) -> None:
+        self._download = (done, total)
 
     def _set_state(self, state: EngineState, reason: str | None = None) -> None:
         with self._state_changed:
@@ -276,7 +287,7 @@ class Engine:
 
     def _load(self) -> None:
         started = time.perf_counter()
-        self._model = self._resolver(self.settings)
+        self._model = self._resolver(self.settings, self._on_download_progress)
         self._phases.resolve_s = time.perf_counter() - started
 
         started = time.perf_counter()

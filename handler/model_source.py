@@ -37,7 +37,10 @@ class ResolvedModel:
 
 
 def resolve_model(settings: Settings, progress: Progress | None = None) -> ResolvedModel:
-    """Return a verified local file for `settings.model_uri`, downloading it first if remote."""
+    """Return a verified local file for `settings.model_uri`, downloading it first if remote.
+
+    `progress(bytes_done, bytes_total)` is called as a download advances.
+    """
     uri = settings.model_uri
     if uri.startswith("s3://"):
         from handler.s3_fetch import fetch_s3_model
@@ -45,6 +48,11 @@ def resolve_model(settings: Settings, progress: Progress | None = None) -> Resol
         return fetch_s3_model(settings, progress)
     path = local_path(uri)
     check_gguf_file(path)
+    size = path.stat().st_size
+    if settings.model_size_bytes is not None and size != settings.model_size_bytes:
+        raise ModelSourceError(
+            f"model {path}: size {size} does not match MODEL_SIZE_BYTES {settings.model_size_bytes}"
+        )
     digest = None
     if settings.model_verify_hash and settings.model_sha256:
         digest = sha256_file(path)
@@ -52,7 +60,7 @@ def resolve_model(settings: Settings, progress: Progress | None = None) -> Resol
             raise ModelSourceError(
                 f"model {path}: sha256 {digest} does not match MODEL_SHA256 {settings.model_sha256}"
             )
-    return ResolvedModel(path=path, size_bytes=path.stat().st_size, source="local", sha256=digest)
+    return ResolvedModel(path=path, size_bytes=size, source="local", sha256=digest)
 
 
 def local_path(uri: str) -> Path:
