@@ -266,7 +266,8 @@ class OpenAIService:
     def _log(self, req: Any, generation: Generation) -> None:
         r = generation.result
         log.info(
-            "%s done: prompt_tokens=%d completion_tokens=%d finish=%s queue_s=%.3f ttft_s=%s tps=%s",
+            "%s done: prompt_tokens=%d completion_tokens=%d finish=%s queue_s=%.3f "
+            "ttft_s=%s tps=%s",
             type(req).__name__,
             r.prompt_tokens,
             r.completion_tokens,

@@ -1,0 +1,48 @@
+"""GIVEN Lambda init WHEN the load outlasts INIT_BUDGET_S THEN init returns and the first request
+waits for the model within its own remaining time."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from handler.engine import EngineState
+from handler.lambda_app import InitError, init
+from tests.conftest import FakeContext, load_event, make_settings
+
+pytestmark = pytest.mark.integration
+
+
+def test_init_within_budget_then_first_request_waits_for_the_load():
+    started = time.perf_counter()
+    app = init(started, make_settings(INIT_BUDGET_S="0.001"))
+    assert time.perf_counter() - started < 5
+    # The import of llama_cpp alone takes longer than 1 ms, so the load is still running.
+    assert app.engine.state in (EngineState.LOADING, EngineState.READY)
+    result = app(load_event("direct-chat.json"), FakeContext(remaining_ms=60_000))
+    assert result["object"] == "chat.completion"
+
+
+def test_first_request_gets_503_when_its_time_runs_out_before_the_load():
+    app = init(time.perf_counter(), make_settings(INIT_BUDGET_S="0.001"))
+    if app.engine.state is not EngineState.LOADING:
+        pytest.skip("load finished before the first request could race it")
+    result = app(load_event("function-url-chat.json"), FakeContext(remaining_ms=1))
+    assert result["statusCode"] == 503
+    assert result["headers"]["retry-after"]
+
+
+def test_failed_load_within_budget_is_an_init_error(tmp_path):
+    with pytest.raises(InitError) as info:
+        init(time.perf_counter(), make_settings(MODEL_URI=str(tmp_path / "nope.gguf")))
+    assert "nope.gguf" in str(info.value)
+
+
+def test_deadline_gives_partial_completion_with_length():
+    app = init(time.perf_counter(), make_settings())
+    event = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 900, "temperature": 0}
+    result = app(event, FakeContext(remaining_ms=1200))
+    choice = result["choices"][0]
+    assert choice["finish_reason"] == "length"
+    assert 0 < result["usage"]["completion_tokens"] < 900

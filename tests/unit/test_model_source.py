@@ -1,0 +1,74 @@
+"""GIVEN model URIs WHEN resolved THEN only a real GGUF file passes, with one-line errors."""
+
+from __future__ import annotations
+
+import hashlib
+import struct
+
+import pytest
+
+from handler.config import load_settings
+from handler.model_source import ModelSourceError, local_path, resolve_model
+
+
+def gguf_bytes(extra: bytes = b"") -> bytes:
+    return b"GGUF" + struct.pack("<I", 3) + struct.pack("<QQ", 0, 0) + extra
+
+
+def resolve(uri: str, **env):
+    return resolve_model(load_settings({"MODEL_URI": uri, **env}))
+
+
+def test_plain_path_and_file_uri_resolve_in_place(tmp_path):
+    model = tmp_path / "m.gguf"
+    model.write_bytes(gguf_bytes())
+    assert resolve(str(model)).path == model
+    resolved = resolve(f"file://{model}")
+    assert resolved.path == model
+    assert resolved.size_bytes == model.stat().st_size
+    assert resolved.source == "local"
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        (b"", "too small"),
+        (b"NOPE" + b"\0" * 40, "not a GGUF"),
+        (b"GGUF" + struct.pack("<I", 99) + b"\0" * 16, "unsupported GGUF version"),
+    ],
+)
+def test_bad_files_fail_with_one_line_naming_the_path(tmp_path, content, fragment):
+    model = tmp_path / "bad.gguf"
+    model.write_bytes(content)
+    with pytest.raises(ModelSourceError) as info:
+        resolve(str(model))
+    assert fragment in str(info.value)
+    assert str(model) in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_file_and_directory(tmp_path):
+    with pytest.raises(ModelSourceError, match="file not found"):
+        resolve(str(tmp_path / "absent.gguf"))
+    with pytest.raises(ModelSourceError, match="not a regular file"):
+        resolve(str(tmp_path))
+
+
+def test_unsupported_scheme():
+    with pytest.raises(ModelSourceError, match="unsupported scheme"):
+        local_path("https://example.invalid/m.gguf")
+
+
+def test_size_and_hash_checks(tmp_path):
+    model = tmp_path / "m.gguf"
+    data = gguf_bytes(b"weights")
+    model.write_bytes(data)
+    with pytest.raises(ModelSourceError, match="MODEL_SIZE_BYTES"):
+        resolve(str(model), MODEL_SIZE_BYTES=str(len(data) + 1))
+    assert resolve(str(model), MODEL_SIZE_BYTES=str(len(data))).size_bytes == len(data)
+    good = hashlib.sha256(data).hexdigest()
+    with pytest.raises(ModelSourceError, match="does not match MODEL_SHA256"):
+        resolve(str(model), MODEL_SHA256="0" * 64, MODEL_VERIFY_HASH="true")
+    assert resolve(str(model), MODEL_SHA256=good, MODEL_VERIFY_HASH="true").sha256 == good
+    # Without MODEL_VERIFY_HASH the (slow) hash is skipped for local files.
+    assert resolve(str(model), MODEL_SHA256="0" * 64).sha256 is None
