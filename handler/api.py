@@ -15,7 +15,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from handler.config import Settings
-from handler.engine import LOADED_STATES, Engine
+from handler.engine import LOADED_STATES, Engine, EngineState
 from handler.errors import (
     APIError,
     AuthenticationFailed,
@@ -27,6 +27,7 @@ from handler.errors import (
 )
 from handler.openai_service import OpenAIService, monotonic_deadline
 from handler.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
+from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.api")
 
@@ -99,9 +100,9 @@ def request_deadline(request: Request, settings: Settings) -> float | None:
     return monotonic_deadline(remaining() if remaining else None, settings.deadline_margin_ms)
 
 
-def create_app(engine: Engine, settings: Settings) -> FastAPI:
+def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> FastAPI:
     """Build the app around an engine that the caller owns (and loads)."""
-    service = OpenAIService(engine, settings)
+    service = OpenAIService(engine, settings, metrics)
     app = FastAPI(title="coldstart", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.service = service
 
@@ -156,6 +157,18 @@ def create_app(engine: Engine, settings: Settings) -> FastAPI:
             return JSONResponse(body)
         retry = "60" if status.reason else "1"
         return JSONResponse(body, status_code=503, headers={"Retry-After": retry})
+
+    @app.get("/metrics")
+    def metrics_text() -> Response:
+        """Prometheus text: request metrics plus engine gauges."""
+        status = engine.status()
+        gauges = {
+            "queue_depth": float(status.queue_depth),
+            **{f"state_{s.value}": float(s is status.state) for s in EngineState},
+            **{f"phase_{k}": v for k, v in vars(status.phases).items() if v is not None},
+        }
+        text = service.metrics.prometheus_text(gauges)
+        return Response(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=authed)
     def list_models() -> dict[str, Any]:

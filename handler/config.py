@@ -66,6 +66,9 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Set by Lambda itself
+    aws_lambda_function_name: str = "coldstart"
+
     @classmethod
     def settings_customise_sources(
         cls, settings_cls: type[BaseSettings], init_settings: Any, *_: Any, **__: Any

@@ -15,8 +15,16 @@ from handler.config import ConfigError, Settings, load_settings
 from handler.engine import Engine, EngineState
 from handler.errors import APIError, InternalError, InvalidRequest
 from handler.events import DIRECT_KINDS, HTTP_KINDS, EventKind, classify
+from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.lambda")
+
+PHASE_METRICS = {
+    "resolve_s": "ResolveDuration",
+    "import_s": "ImportDuration",
+    "load_s": "LoadDuration",
+    "warmup_s": "WarmupDuration",
+}
 
 
 class InitError(RuntimeError):
@@ -26,15 +34,18 @@ class InitError(RuntimeError):
 class LambdaApp:
     """Routes one Lambda event to Mangum, the keep-warm ping, or the OpenAI service."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, init_s: float | None = None) -> None:
         from mangum import Mangum
 
         from handler.api import create_app
 
         self.engine = engine
         self.settings = settings
-        self.app = create_app(engine, settings)
+        self.metrics = Metrics(function_name=settings.aws_lambda_function_name)
+        self.app = create_app(engine, settings, self.metrics)
         self.service = self.app.state.service
+        self.init_s = init_s
+        self._phases_reported: set[str] = set()
         # lifespan="off": Mangum would run the ASGI lifespan on every invocation.
         self.mangum = Mangum(self.app, lifespan="off")
         self.cold = True
@@ -56,6 +67,7 @@ class LambdaApp:
                 code="unsupported_event",
             ).body()
         finally:
+            self._emit_metrics(cold)
             log.info(
                 "invoke kind=%s cold=%s state=%s duration_ms=%.1f",
                 kind.value,
@@ -63,6 +75,21 @@ class LambdaApp:
                 self.engine.state.value,
                 (time.perf_counter() - started) * 1000,
             )
+
+    def _emit_metrics(self, cold: bool) -> None:
+        """One EMF line per invoke: cold-start phases once, then request metrics."""
+        self.metrics.record("ColdStart", 1.0 if cold else 0.0)
+        if cold:
+            self.metrics.record("InitDuration", self.init_s)
+        status = self.engine.status()
+        phases = vars(status.phases)
+        for field_name, metric in PHASE_METRICS.items():
+            value = phases.get(field_name)
+            if value is not None and metric not in self._phases_reported:
+                self._phases_reported.add(metric)
+                self.metrics.record(metric, value)
+        self.metrics.record("QueueDepth", status.queue_depth)
+        self.metrics.flush_emf()
 
     def keep_warm(self, context: Any) -> dict[str, Any]:
         """EventBridge ping: load and warm the model, report the state. No HTTP shape."""
@@ -133,6 +160,7 @@ def init(started: float, settings: Settings | None = None) -> LambdaApp:
     lambda_app = LambdaApp(engine, settings)
     remaining = settings.init_budget_s - (time.perf_counter() - started)
     state = engine.wait_loaded(max(0.0, remaining))
+    lambda_app.init_s = time.perf_counter() - started
     if state is EngineState.FAILED:
         raise InitError(engine.status().reason or "model failed to load")
     if state is EngineState.LOADING:

@@ -26,6 +26,7 @@ from handler.schemas import (
     now,
     usage,
 )
+from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.api")
 
@@ -41,9 +42,10 @@ class Prepared:
 class OpenAIService:
     """Chat completions, completions, embeddings and models on one engine."""
 
-    def __init__(self, engine: Engine, settings: Settings) -> None:
+    def __init__(self, engine: Engine, settings: Settings, metrics: Metrics | None = None) -> None:
         self.engine = engine
         self.settings = settings
+        self.metrics = metrics or Metrics()
         self.created = now()
 
     # ------------------------------------------------------------- models
@@ -265,6 +267,15 @@ class OpenAIService:
 
     def _log(self, req: Any, generation: Generation) -> None:
         r = generation.result
+        self.metrics.record_many(
+            {
+                "QueueDuration": r.queue_s,
+                "TimeToFirstToken": r.time_to_first_token_s,
+                "TokensPerSecond": r.decode_tokens_per_s,
+                "CompletionTokens": r.completion_tokens,
+                "PromptTokens": r.prompt_tokens,
+            }
+        )
         log.info(
             "%s done: prompt_tokens=%d completion_tokens=%d finish=%s queue_s=%.3f "
             "ttft_s=%s tps=%s",

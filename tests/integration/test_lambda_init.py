@@ -46,3 +46,21 @@ def test_deadline_gives_partial_completion_with_length():
     choice = result["choices"][0]
     assert choice["finish_reason"] == "length"
     assert 0 < result["usage"]["completion_tokens"] < 900
+
+
+def test_each_invoke_writes_one_emf_line_with_cold_start_once(capsys):
+    import json
+
+    app = init(time.perf_counter(), make_settings())
+    capsys.readouterr()
+    app(load_event("direct-completion.json"), FakeContext())
+    app(load_event("direct-completion.json"), FakeContext())
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    assert len(lines) == 2
+    first, second = lines
+    assert first["ColdStart"] == 1 and second["ColdStart"] == 0
+    assert first["InitDuration"] > 0 and "InitDuration" not in second
+    assert first["LoadDuration"] > 0 and "LoadDuration" not in second
+    assert second["CompletionTokens"] >= 1 and second["TimeToFirstToken"] > 0
+    declared = {m["Name"] for m in first["_aws"]["CloudWatchMetrics"][0]["Metrics"]}
+    assert {"ColdStart", "InitDuration", "LoadDuration", "TimeToFirstToken"} <= declared

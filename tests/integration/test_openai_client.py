@@ -116,3 +116,15 @@ def test_health_and_readiness(base_url):
     ready = httpx.get(base_url + "/readyz")
     assert ready.status_code == 200
     assert ready.json()["state"] in ("ready", "warm")
+
+
+def test_metrics_endpoint_is_prometheus_text(base_url, client):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    client.completions.create(model="m", prompt="Hello", max_tokens=2)
+    text = httpx.get(base_url + "/metrics").text
+    samples = {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples}
+    assert samples["coldstart_completion_tokens_count"] >= 1
+    assert samples["coldstart_time_to_first_token_last"] > 0
+    assert samples["coldstart_phase_load_s"] > 0
+    assert sum(v for k, v in samples.items() if k.startswith("coldstart_state_")) == 1
