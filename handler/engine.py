@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
+from handler.chat_template import ChatTemplate, TemplateError, plain_prompt
 from handler.config import Settings
 from handler.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady
 from handler.model_source import Progress, ResolvedModel, resolve_model
@@ -27,6 +28,7 @@ from handler.model_source import Progress, ResolvedModel, resolve_model
 log = logging.getLogger("coldstart.engine")
 
 WARMUP_PROMPT = "Hi"
+CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
 class EngineState(StrEnum):
@@ -186,11 +188,11 @@ class Engine:
         self._state = EngineState.COLD
         self._reason: str | None = None
         self._model: ResolvedModel | None = None
-        self._llm: Any = None
-        self._embedder: Any = None
-        self._chat_formatter: Any = None
-        self._vocab: Any = None
-        self._llama_cpp: Any = None
+        self._backend: Any = None  # handler.llama_backend, imported on the engine thread
+        self._model_handle: Any = None  # llama_backend.Model
+        self._context: Any = None  # llama_backend.Context for generation
+        self._embedder: Any = None  # llama_backend.Context with embeddings, built on first use
+        self._chat_template: ChatTemplate | None = None
         self._phases = Phases()
         self._download: tuple[int, int] | None = None  # (bytes done, bytes total)
         self._state_changed = threading.Condition()
@@ -291,29 +293,21 @@ class Engine:
         self._phases.resolve_s = time.perf_counter() - started
 
         started = time.perf_counter()
-        import llama_cpp
+        from handler import llama_backend
 
-        self._llama_cpp = llama_cpp
+        llama_backend.init_backend(verbose=self.settings.log_level == "debug")
+        self._backend = llama_backend
         self._phases.import_s = time.perf_counter() - started
 
         started = time.perf_counter()
         path = str(self._model.path)
-        try:
-            self._llm = llama_cpp.Llama(
-                model_path=path,
-                n_ctx=self.settings.n_ctx,
-                n_batch=self.settings.n_batch,
-                n_threads=self.settings.n_threads,
-                n_threads_batch=self.settings.n_threads,
-                n_gpu_layers=self.settings.n_gpu_layers,
-                use_mmap=True,
-                verbose=self.settings.log_level == "debug",
-            )
-        except ValueError as exc:
-            raise RuntimeError(f"model {path}: llama.cpp could not load it ({exc})") from None
-        self._vocab = llama_cpp.llama_model_get_vocab(self._llm.model)
-        self._chat_formatter = self._build_chat_formatter()
+        model = llama_backend.Model(path, self.settings.n_gpu_layers)
+        self._context = llama_backend.Context(
+            model, self.settings.n_ctx, self.settings.n_batch, self.settings.n_threads
+        )
+        self._model_handle = model
         self._phases.load_s = time.perf_counter() - started
+        self._chat_template = self._build_chat_template()
         log.info(
             "model loaded: %s (%d bytes) in %.3fs",
             path,
@@ -321,24 +315,22 @@ class Engine:
             self._phases.load_s,
         )
 
-    def _build_chat_formatter(self) -> Any:
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
-        template = self._llm.metadata.get("tokenizer.chat_template")
-        if not template:
+    def _build_chat_template(self) -> ChatTemplate | None:
+        source = self._model_handle.metadata(CHAT_TEMPLATE_KEY)
+        if not source:
             return None
-        eos = self._llm.detokenize([self._llm.token_eos()], special=True).decode(errors="replace")
-        bos = self._llm.detokenize([self._llm.token_bos()], special=True).decode(errors="replace")
-        return Jinja2ChatFormatter(template=template, eos_token=eos, bos_token=bos)
+        model = self._model_handle
+        return ChatTemplate(source, model.special_text("bos"), model.special_text("eos"))
 
     def _warm_up_on_engine_thread(self) -> None:
         if self._state is not EngineState.READY:
             return
         started = time.perf_counter()
-        tokens = self._llm.tokenize(WARMUP_PROMPT.encode(), add_bos=True, special=False)
-        for _ in self._llm.generate(tokens, temp=0.0, reset=True):
-            break
-        self._llm.reset()
+        # One real evaluation: touches every weight page and allocates compute buffers, so the
+        # first request pays neither.
+        tokens = self._model_handle.tokenize(WARMUP_PROMPT, add_special=True, parse_special=False)
+        self._context.evaluate_prompt(tokens)
+        self._context.reset()
         self._phases.warmup_s = time.perf_counter() - started
         self._set_state(EngineState.WARM)
         log.info("model warm in %.3fs", self._phases.warmup_s)
@@ -351,25 +343,23 @@ class Engine:
     # ----------------------------------------------------------------- prompts
 
     def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
-        """Render messages with the model's chat template; return (tokens, template stops)."""
+        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
         self._ensure_usable()
-        if self._chat_formatter is None:
-            text = "".join(f"{m['role']}: {m.get('content') or ''}\n" for m in messages)
-            return self.tokenize(text + "assistant:", add_bos=True), ()
+        if self._chat_template is None:
+            return self.tokenize(plain_prompt(messages), add_bos=True), ("\nuser:",)
         try:
-            rendered = self._chat_formatter(messages=messages)
-        except Exception as exc:  # noqa: BLE001 - a template error is the caller's input
+            text = self._chat_template.render(messages)
+        except TemplateError as exc:
             raise InvalidRequest(
-                f"messages could not be rendered by the chat template: {exc}", param="messages"
+                f"messages could not be rendered by the model's chat template: {exc}",
+                param="messages",
             ) from None
-        stops = rendered.stop if isinstance(rendered.stop, list) else [rendered.stop]
-        tokens = self.tokenize(rendered.prompt, add_bos=not rendered.added_special, special=True)
-        return tokens, tuple(s for s in stops if s)
+        return self.tokenize(text, add_bos=True, special=True), ()
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of `text` (read-only vocabulary access: safe off the engine thread)."""
         self._ensure_usable()
-        return list(self._llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=special))
+        return self._model_handle.tokenize(text, add_special=add_bos, parse_special=special)
 
     def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
         """Return the completion budget, or raise `context_length_exceeded`."""
@@ -393,7 +383,7 @@ class Engine:
         )
 
     def _ensure_usable(self) -> None:
-        if self._llm is None:
+        if self._context is None:
             raise ModelNotReady(f"model not loaded ({self._state.value})", retry_after_s=2)
 
     # ----------------------------------------------------------------- generation
@@ -422,56 +412,58 @@ class Engine:
     def _decode(
         self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
     ) -> None:
-        llm, lib, result = self._llm, self._llama_cpp, out.result
+        model, context, result = self._model_handle, self._context, out.result
         if self._state is EngineState.READY:
             self._set_state(EngineState.WARM)  # the first real request warms the model
-        llm.set_seed(params.seed if params.seed is not None else random.getrandbits(31))
-        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-        stops = StopMatcher(params.stop)
-        piece = _PieceReader(lib, self._vocab)
         result.finish_reason = "length"
         if params.max_tokens <= 0 or _past(deadline):
             return
-        started = time.perf_counter()
-        first_at: float | None = None
-        hit_stop = False
-        temperature = params.temperature
-        tokens = llm.generate(
-            prompt,
-            temp=temperature,
-            top_k=params.top_k if temperature > 0 else 1,
-            top_p=params.top_p,
-            min_p=params.min_p,
-            typical_p=1.0,
-            repeat_penalty=params.repeat_penalty,
-            presence_penalty=params.presence_penalty,
-            frequency_penalty=params.frequency_penalty,
-            reset=True,
+        sampler = self._backend.Sampler(
+            self._backend.SamplerConfig(
+                temperature=params.temperature,
+                top_p=params.top_p,
+                top_k=params.top_k,
+                min_p=params.min_p,
+                presence_penalty=params.presence_penalty,
+                frequency_penalty=params.frequency_penalty,
+                repeat_penalty=params.repeat_penalty,
+                seed=params.seed if params.seed is not None else random.getrandbits(32),
+            )
         )
-        for token in tokens:
-            if first_at is None:
-                first_at = time.perf_counter()
-                result.time_to_first_token_s = first_at - started
-            if lib.llama_vocab_is_eog(self._vocab, token):
-                result.finish_reason = "stop"
-                break
-            result.completion_tokens += 1
-            text, hit_stop = stops.feed(decoder.decode(piece(token)))
-            if text:
-                out._pieces.put(text)
-            if hit_stop:
-                result.finish_reason = "stop"
-                break
-            if result.completion_tokens >= params.max_tokens:
-                break
-            if out._cancel.is_set() or _past(deadline):
-                break
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        stops = StopMatcher(params.stop)
+        hit_stop = False
+        started = time.perf_counter()
+        try:
+            context.evaluate_prompt(prompt)
+            token = sampler.sample(context)
+            first_at = time.perf_counter()
+            result.time_to_first_token_s = first_at - started
+            while True:
+                if model.is_end_of_generation(token):
+                    result.finish_reason = "stop"
+                    break
+                result.completion_tokens += 1
+                text, hit_stop = stops.feed(decoder.decode(model.piece(token)))
+                if text:
+                    out._pieces.put(text)
+                if hit_stop:
+                    result.finish_reason = "stop"
+                    break
+                if result.completion_tokens >= params.max_tokens:
+                    break
+                if out._cancel.is_set() or _past(deadline):
+                    break
+                context.append(token)
+                token = sampler.sample(context)
+        finally:
+            sampler.close()
         if not hit_stop:
             tail, hit_stop = stops.feed(decoder.decode(b"", final=True))
             tail += "" if hit_stop else stops.flush()
             if tail:
                 out._pieces.put(tail)
-        if first_at is not None and result.completion_tokens > 1:
+        if result.completion_tokens > 1:
             elapsed = time.perf_counter() - first_at
             result.decode_tokens_per_s = (
                 (result.completion_tokens - 1) / elapsed if elapsed else None
@@ -484,55 +476,32 @@ class Engine:
     ) -> tuple[list[list[float]], int]:
         """Normalised embedding vectors and the token count, computed on the engine thread."""
         self._ensure_usable()
+        batches = []
         for i, text in enumerate(texts):
-            n = len(self.tokenize(text, add_bos=True))
-            if n > self.settings.n_ctx:
+            tokens = self.tokenize(text, add_bos=True)
+            if len(tokens) > self.settings.n_ctx:
                 raise ContextLengthExceeded(
-                    f"input[{i}] has {n} tokens; the maximum is {self.settings.n_ctx}",
+                    f"input[{i}] has {len(tokens)} tokens; the maximum is {self.settings.n_ctx}",
                     param="input",
                 )
-        future = self._submit(lambda: self._embed_on_engine_thread(texts))
+            batches.append(tokens)
+        future = self._submit(lambda: self._embed_on_engine_thread(batches))
         timeout = None if deadline is None else max(0.1, deadline - time.monotonic())
         return future.result(timeout=timeout)
 
-    def _embed_on_engine_thread(self, texts: list[str]) -> tuple[list[list[float]], int]:
+    def _embed_on_engine_thread(self, batches: list[list[int]]) -> tuple[list[list[float]], int]:
         if self._embedder is None:
-            # A second context on the same mmap'd weights: pages are shared, only the
-            # (small) embedding context is new. Built on first use, never at init.
-            self._embedder = self._llama_cpp.Llama(
-                model_path=str(self._model.path),  # type: ignore[union-attr]
-                n_ctx=self.settings.n_ctx,
-                n_batch=self.settings.n_ctx,
-                n_ubatch=self.settings.n_ctx,
-                n_threads=self.settings.n_threads,
-                n_threads_batch=self.settings.n_threads,
-                n_gpu_layers=self.settings.n_gpu_layers,
-                embedding=True,
-                pooling_type=self._llama_cpp.LLAMA_POOLING_TYPE_MEAN,
-                use_mmap=True,
-                verbose=False,
+            # A second context on the same model: the weights are shared, only the embedding
+            # context's buffers are new. Built on first use, never at init.
+            self._embedder = self._backend.Context(
+                self._model_handle,
+                self.settings.n_ctx,
+                self.settings.n_ctx,
+                self.settings.n_threads,
+                embeddings=True,
             )
-        vectors, count = self._embedder.embed(texts, normalize=True, return_count=True)
-        return [list(map(float, v)) for v in vectors], int(count)
-
-
-class _PieceReader:
-    """Bytes of one token, with a buffer that grows for long pieces."""
-
-    def __init__(self, lib: Any, vocab: Any) -> None:
-        import ctypes
-
-        self._lib, self._vocab, self._ctypes = lib, vocab, ctypes
-        self._size = 64
-        self._buf = ctypes.create_string_buffer(self._size)
-
-    def __call__(self, token: int) -> bytes:
-        n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
-        if n < 0:
-            self._size = -n
-            self._buf = self._ctypes.create_string_buffer(self._size)
-            n = self._lib.llama_token_to_piece(self._vocab, token, self._buf, self._size, 0, False)
-        return self._buf.raw[:n]
+        vectors = [self._embedder.embed(tokens) for tokens in batches]
+        return vectors, sum(len(t) for t in batches)
 
 
 def _past(deadline: float | None) -> bool:

@@ -1,0 +1,154 @@
+"""P1: spawn -> first chat completion (16 tokens), ours under the real Lambda emulator vs anchors.
+
+Anchors, same model, n_ctx and threads: llama-cpp-python's own server and llama.cpp's llama-server
+(built from the source vendored in the llama-cpp-python sdist). Each side runs with the model file
+in the page cache and evicted from it; runs are interleaved; the median of N rounds is reported.
+Also records our phase timings (from the EMF line the function prints) for the waterfall, and the
+function's peak RSS (P7).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    CHAT,
+    LLAMA_CPP_BIN,
+    MODEL,
+    N_CTX,
+    OUT,
+    RIE,
+    ROOT,
+    THREADS,
+    evict_from_page_cache,
+    free_port,
+    http_ok,
+    load_into_page_cache,
+    median,
+    poll,
+    post_json,
+    require,
+    spawn,
+    tree_peak_rss_mb,
+)
+
+SIDES = ("coldstart", "llama_cpp.server", "llama-server")
+
+
+def function_url_event() -> dict[str, Any]:
+    event = json.loads((ROOT / "events/function-url-chat.json").read_text())
+    event["body"] = json.dumps(CHAT)
+    return event
+
+
+def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
+    """Spawn the emulator + our runtime, invoke the function URL event as soon as it listens."""
+    port, api_port = free_port(), free_port()
+    env = {"MODEL_URI": str(MODEL), "N_CTX": str(N_CTX), "N_THREADS": str(THREADS),
+           "AWS_LAMBDA_FUNCTION_TIMEOUT": "60", **(extra_env or {})}
+    cmd = [str(RIE), "--runtime-interface-emulator-address", f"127.0.0.1:{port}",
+           "--runtime-api-address", f"127.0.0.1:{api_port}",
+           sys.executable, "-m", "awslambdaric", "handler.lambda_function.handler"]
+    url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
+    event = function_url_event()
+    log_path = OUT / "ours-stdout.log"
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
+    started = time.perf_counter()
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, start_new_session=True,
+                                stdout=log, stderr=subprocess.STDOUT)
+        try:
+            result: dict[str, Any] = {}
+
+            def invoke() -> bool:
+                result.update(post_json(url, event))
+                return True
+
+            poll(invoke, 60)
+            elapsed = time.perf_counter() - started
+            rss = tree_peak_rss_mb(proc.pid)
+        finally:
+            os.killpg(proc.pid, 9)
+            proc.wait(10)
+    body = json.loads(result["body"])
+    assert body["usage"]["completion_tokens"] == 16, body
+    emf = [json.loads(line) for line in log_path.read_text().splitlines()
+           if line.startswith('{"_aws"')]
+    return {"total_s": elapsed, "rss_mb": rss, "emf": emf[0] if emf else {}}
+
+
+def run_anchor(side: str) -> dict[str, Any]:
+    """Spawn an anchor server, poll until it answers, then ask the same chat completion."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    if side == "llama_cpp.server":
+        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(MODEL),
+               "--n_ctx", str(N_CTX), "--n_threads", str(THREADS), "--host", "127.0.0.1",
+               "--port", str(port)]
+        ready_url = base + "/v1/models"
+    else:
+        server = require(LLAMA_CPP_BIN / "llama-server", "run `make bench-anchors`")
+        cmd = [str(server), "-m", str(MODEL), "-c", str(N_CTX), "-t", str(THREADS),
+               "--host", "127.0.0.1", "--port", str(port), "-np", "1"]
+        ready_url = base + "/health"
+    started = time.perf_counter()
+    with spawn(cmd) as proc:
+        poll(lambda: http_ok(ready_url), 60)
+        ready = time.perf_counter() - started
+        body = post_json(base + "/v1/chat/completions", {"model": "m", **CHAT})
+        elapsed = time.perf_counter() - started
+        rss = tree_peak_rss_mb(proc.pid)
+    assert body["usage"]["completion_tokens"] == 16, body
+    return {"total_s": elapsed, "ready_s": ready, "rss_mb": rss}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--sides", default=",".join(SIDES))
+    args = parser.parse_args()
+    sides = args.sides.split(",")
+    OUT.mkdir(parents=True, exist_ok=True)
+    require(RIE, "install the dev extras (aws-sam-cli)")
+    runs: list[dict[str, Any]] = []
+    for round_no in range(args.rounds):
+        for cache in ("warm", "evicted"):
+            for side in sides:
+                if cache == "warm":
+                    load_into_page_cache(MODEL)
+                else:
+                    evict_from_page_cache(MODEL)
+                try:
+                    result = run_ours() if side == "coldstart" else run_anchor(side)
+                except (urllib.error.URLError, TimeoutError, AssertionError) as exc:
+                    print(f"{side} {cache}: failed: {exc}", file=sys.stderr)
+                    continue
+                runs.append({"side": side, "cache": cache, "round": round_no, **result})
+                print(f"round {round_no} {cache:7s} {side:17s} {result['total_s']:.3f}s",
+                      file=sys.stderr)
+    summary: dict[str, Any] = {}
+    for cache in ("warm", "evicted"):
+        for side in sides:
+            totals = [r["total_s"] for r in runs if r["side"] == side and r["cache"] == cache]
+            if totals:
+                summary[f"{side}/{cache}"] = {
+                    "median_s": median(totals),
+                    "n": len(totals),
+                    "rss_mb": median([r["rss_mb"] for r in runs
+                                      if r["side"] == side and r["cache"] == cache]),
+                }
+    path = OUT / "p1.json"
+    path.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()
