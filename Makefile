@@ -27,6 +27,7 @@ EVENT       ?= events/function-url-chat.json
 PYTEST_ARGS ?=
 
 .PHONY: help venv model run serve emulate invoke stop-emulator test lint format clean
+.PHONY: image-context image image-test image-sizes sam-build sam-local lint-infra
 
 help:
 	@echo "make run      - set up everything, serve the OpenAI API on http://127.0.0.1:$(PORT)/v1"
@@ -34,6 +35,9 @@ help:
 	@echo "make emulate  - run the function under the real Lambda Runtime Interface Emulator"
 	@echo "make invoke EVENT=events/<file>.json - post an event to the emulated function"
 	@echo "make lint | make model | make clean"
+	@echo "make image       - build the Lambda container image ($(IMAGE); MODEL_LAYER=baked or none)"
+	@echo "make image-test  - run the image under the real RIE, post every event in events/"
+	@echo "make sam-local EVENT=events/<file>.json - sam build + sam local invoke"
 
 $(LLAMA_WHEEL):
 	mkdir -p $(WHEELHOUSE)
@@ -87,9 +91,9 @@ stop-emulator:
 test: venv $(DEFAULT_MODEL)
 	COLDSTART_TEST_MODEL=$(DEFAULT_MODEL) $(PY) -m pytest $(PYTEST_ARGS)
 
-lint: venv
-	$(PY) -m ruff check handler tests bench
-	$(PY) -m ruff format --check handler tests bench
+lint: venv lint-infra
+	$(PY) -m ruff check handler tests bench layers
+	$(PY) -m ruff format --check handler tests bench layers
 
 format: venv
 	$(PY) -m ruff format handler tests bench
@@ -97,3 +101,72 @@ format: venv
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache
+
+# ---- container image (layers/), SAM ------------------------------------------------------------
+# podman or docker, whichever is present. On machines without a registry or daemon,
+# ../shared/tools/container-env.sh provides the engine and a stand-in base image (docs/image.md).
+CONTAINER_ENV ?= ../shared/tools/container-env.sh
+ENGINE       ?= $(shell command -v podman || command -v docker)
+IMAGE        ?= coldstart:latest
+BASE_IMAGE   ?= python:3.11-slim-bookworm
+MODEL_LAYER  ?= baked
+BAKE_MODEL   ?= $(DEFAULT_MODEL)
+IMAGE_FLAGS  ?=
+IMAGE_BUILD  := layers/.build
+IMAGE_WHEEL  := $(IMAGE_BUILD)/wheels/$(notdir $(LLAMA_WHEEL))
+IMAGE_MODEL  := $(IMAGE_BUILD)/model/model.gguf
+SAM          := SAM_CLI_TELEMETRY=0 $(VENV)/bin/sam
+
+# The lock pins the image to what the dev venv (and so the tests) run.
+$(IMAGE_BUILD)/requirements.txt: pyproject.toml layers/lock.py $(VENV)/.installed
+	mkdir -p $(@D)
+	$(PY) layers/lock.py --extra s3 > $@.tmp && mv $@.tmp $@
+
+# Hard links where possible: the build context gets the files without a second copy on disk.
+$(IMAGE_WHEEL): $(LLAMA_WHEEL)
+	mkdir -p $(@D) && rm -f $(@D)/*.whl
+	ln -f $< $@ 2>/dev/null || cp -f $< $@
+
+$(IMAGE_MODEL): $(BAKE_MODEL)
+	mkdir -p $(@D)
+	ln -f $< $@ 2>/dev/null || cp -f $< $@
+
+image-context: $(IMAGE_BUILD)/requirements.txt $(IMAGE_WHEEL) $(if $(filter baked,$(MODEL_LAYER)),$(IMAGE_MODEL))
+	mkdir -p $(IMAGE_BUILD)/model
+
+image: image-context
+	@test -n "$(ENGINE)" || { echo "no podman or docker: see docs/image.md"; exit 1; }
+	@flags=(); if [[ "$(ENGINE)" == *podman && -x $(CONTAINER_ENV) ]]; then \
+	  mapfile -t flags < <($(CONTAINER_ENV) build-args); fi; \
+	set -x; $(ENGINE) build "$${flags[@]}" -f layers/Dockerfile -t $(IMAGE) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg MODEL_LAYER=$(MODEL_LAYER) \
+	  --build-arg MODEL_ALIAS=$(if $(filter baked,$(MODEL_LAYER)),$(basename $(notdir $(BAKE_MODEL)))) \
+	  $(IMAGE_FLAGS) .
+
+image-test: venv image
+	COLDSTART_IMAGE=$(IMAGE) COLDSTART_ENGINE=$(ENGINE) COLDSTART_RIE=$(RIE) \
+	  $(PY) -m pytest tests/image -p no:cacheprovider $(PYTEST_ARGS)
+
+image-sizes:
+	@$(ENGINE) image inspect --format '{{.Size}}' $(IMAGE) | awk '{printf "$(IMAGE): %.1f MB\n", $$1/1e6}'
+	@$(ENGINE) history --format '{{.Size}}\t{{.CreatedBy}}' $(IMAGE) | cut -c1-120
+
+# sam build / sam local invoke through the Docker API: podman's socket where no Docker daemon
+# answers (started for the command, stopped after it).
+WITH_DOCKER_API = if [ -z "$${DOCKER_HOST:-}" ] && ! docker info >/dev/null 2>&1 \
+	  && [ -x $(CONTAINER_ENV) ]; then eval "$$($(CONTAINER_ENV) socket-start)"; \
+	  trap '$(CONTAINER_ENV) socket-stop' EXIT; fi;
+sam-build: venv image-context
+	@$(WITH_DOCKER_API) \
+	$(SAM) build
+
+# sam local lets the shell override the template's variables: drop the MODEL_URI this Makefile
+# exports for `make run`, so the image's own model path applies.
+sam-local: sam-build
+	@$(WITH_DOCKER_API) \
+	env -u MODEL_URI $(SAM) local invoke -e $(EVENT)
+
+lint-infra: venv
+	$(VENV)/bin/cfn-lint template.yaml
+	$(SAM) validate --lint --template template.yaml
+	$(VENV)/bin/hadolint layers/Dockerfile layers/Dockerfile.cuda

@@ -1,0 +1,191 @@
+"""The built image: its metadata, every event in events/ under the real RIE, and server mode.
+
+Each event's response is checked by the shape its source promises: HTTP sources (function URL,
+API Gateway, ALB) a 200 with an OpenAI body, the keep-warm ping a state, a direct invoke the
+OpenAI body itself.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import time
+from typing import Any
+
+import pytest
+
+from .conftest import (
+    EVENTS_DIR,
+    FIGURES,
+    FIRST_EVENT,
+    IMAGE,
+    INVOKE_PATH,
+    Container,
+    engine,
+    load_event,
+    save_logs,
+    start,
+)
+
+EVENT_FILES = sorted(p.name for p in EVENTS_DIR.glob("*.json"))
+
+
+# ------------------------------------------------------------------------ response shapes
+
+
+def check_usage(body: dict[str, Any]) -> None:
+    usage = body["usage"]
+    assert usage["prompt_tokens"] > 0
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def check_chat(body: dict[str, Any]) -> None:
+    assert body["object"] == "chat.completion", body
+    choice = body["choices"][0]
+    assert choice["message"]["role"] == "assistant"
+    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
+    assert choice["finish_reason"] in {"stop", "length"}
+    check_usage(body)
+
+
+def check_completion(body: dict[str, Any]) -> None:
+    assert body["object"] == "text_completion", body
+    choice = body["choices"][0]
+    assert isinstance(choice["text"], str) and choice["text"]
+    assert choice["finish_reason"] in {"stop", "length"}
+    check_usage(body)
+
+
+def check_embeddings(body: dict[str, Any], inputs: list[str]) -> None:
+    assert body["object"] == "list", body
+    assert [d["index"] for d in body["data"]] == list(range(len(inputs)))
+    for item in body["data"]:
+        vector = item["embedding"]
+        assert len(vector) > 0 and all(isinstance(x, float) for x in vector)
+        assert math.isclose(math.fsum(x * x for x in vector), 1.0, rel_tol=1e-3)
+
+
+def check_models(body: dict[str, Any]) -> None:
+    assert body["object"] == "list", body
+    assert body["data"] and body["data"][0]["object"] == "model" and body["data"][0]["id"]
+
+
+def check_sse(text: str) -> None:
+    """A chat stream: chunks, a usage-only chunk last (include_usage), then [DONE]."""
+    data = [line[6:] for line in text.splitlines() if line.startswith("data: ")]
+    assert data and data[-1] == "[DONE]", text[-500:]
+    chunks = [json.loads(d) for d in data[:-1]]
+    assert all(c["object"] == "chat.completion.chunk" for c in chunks)
+    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
+    assert content
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
+
+
+def request_body(event: dict[str, Any]) -> dict[str, Any]:
+    raw = event.get("body") or ""
+    if event.get("isBase64Encoded"):
+        raw = base64.b64decode(raw).decode()
+    return json.loads(raw) if raw else {}
+
+
+def check_http(event: dict[str, Any], response: dict[str, Any]) -> None:
+    """Mangum's answer for a function URL, API Gateway or ALB event."""
+    assert response.get("statusCode") == 200, response
+    headers = {k.lower(): v for k, v in (response.get("headers") or {}).items()}
+    body = response.get("body") or ""
+    if response.get("isBase64Encoded"):
+        body = base64.b64decode(body).decode()
+    path = event.get("rawPath") or event["path"]
+    request = request_body(event)
+    if request.get("stream"):
+        assert headers["content-type"].startswith("text/event-stream")
+        check_sse(body)
+        return
+    assert headers["content-type"].startswith("application/json")
+    if path.endswith("/chat/completions"):
+        check_chat(json.loads(body))
+    elif path.endswith("/completions"):
+        check_completion(json.loads(body))
+    elif path.endswith("/models"):
+        check_models(json.loads(body))
+    else:
+        pytest.fail(f"no check for HTTP path {path}: add one to tests/image/test_image.py")
+
+
+def check_event_response(event: dict[str, Any], response: Any) -> None:
+    """Dispatch on the event's documented fields, like the handler does."""
+    if "requestContext" in event:
+        check_http(event, response)
+    elif event.get("source") == "aws.events":
+        assert response["ok"] is True and response["state"] == "warm", response
+    elif "messages" in event:
+        check_chat(response)
+    elif "prompt" in event:
+        check_completion(response)
+    elif "input" in event:
+        check_embeddings(response, event["input"])
+    else:
+        pytest.fail("no check for this event kind: add one to tests/image/test_image.py")
+
+
+def invoke(container: Container, name: str) -> Any:
+    status, _, raw = container.request(INVOKE_PATH, load_event(name))
+    assert status == 200, f"RIE answered {status}: {raw[:500]!r}\n{container.logs()[-3000:]}"
+    response = json.loads(raw)
+    if isinstance(response, dict) and "errorMessage" in response:
+        pytest.fail(f"{name}: function error {response}\n{container.logs()[-3000:]}")
+    return response
+
+
+# ------------------------------------------------------------------------------------ tests
+
+
+def test_image_runs_as_non_root_with_lambda_cmd(config: dict[str, Any]) -> None:
+    assert config.get("User") not in (None, "", "0", "root", "0:0")
+    assert config["Cmd"][-3:] == ["-m", "awslambdaric", "handler.lambda_function.handler"]
+    FIGURES["image size"] = (
+        f"{int(engine('image', 'inspect', '--format', '{{.Size}}', IMAGE)) / 1e6:.1f} MB"
+    )
+
+
+def test_image_has_no_compilers() -> None:
+    found = engine(
+        "run", "--rm", "--pull=never", "--entrypoint", "sh", IMAGE, "-c",
+        "for c in gcc cc c++ g++ clang make cmake; do command -v $c || true; done",
+    )  # fmt: skip
+    assert found.strip() == ""
+
+
+def test_cold_start_first_response(lambda_container: Container) -> None:
+    assert lambda_container.first is not None
+    status, _, raw = lambda_container.first
+    assert status == 200, raw[:500]
+    check_event_response(load_event(FIRST_EVENT), json.loads(raw))
+
+
+@pytest.mark.parametrize("name", EVENT_FILES)
+def test_event(lambda_container: Container, name: str) -> None:
+    started = time.monotonic()
+    response = invoke(lambda_container, name)
+    FIGURES[f"lambda: warm invoke {name}"] = f"{(time.monotonic() - started) * 1000:.0f} ms"
+    check_event_response(load_event(name), response)
+
+
+def test_http_server_mode() -> None:
+    """The same image as an HTTP server, chosen by overriding the command."""
+    container = start(["python", "-m", "handler", "serve"])
+    try:
+        assert container.wait_http("/healthz") == 200
+        assert container.wait_http("/readyz", want={200}) == 200
+        FIGURES["server: container start -> /readyz 200"] = f"{container.elapsed():.2f} s"
+        status, _, raw = container.request("/v1/chat/completions", load_event("direct-chat.json"))
+        assert status == 200, raw[:500]
+        check_chat(json.loads(raw))
+        FIGURES["server: container start -> first chat completion"] = f"{container.elapsed():.2f} s"
+        status, _, raw = container.request("/v1/models")
+        assert status == 200
+        check_models(json.loads(raw))
+    finally:
+        save_logs(container, "server")
+        container.remove()

@@ -1,0 +1,116 @@
+"""template.yaml and the code stay in step: every variable it sets is a Settings field, and every
+value its parameters allow passes Settings' validation."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from handler.config import ConfigError, Settings, load_settings
+
+ROOT = Path(__file__).resolve().parents[2]
+TEMPLATE = ROOT / "template.yaml"
+
+
+class CfnLoader(yaml.SafeLoader):
+    """YAML with CloudFormation's short tags (`!Ref X` -> `{"Ref": "X"}`, `!If` -> `Fn::If`)."""
+
+
+def _short_tag(loader: CfnLoader, suffix: str, node: yaml.Node) -> dict[str, Any]:
+    if isinstance(node, yaml.ScalarNode):
+        value: Any = loader.construct_scalar(node)
+    elif isinstance(node, yaml.SequenceNode):
+        value = loader.construct_sequence(node, deep=True)
+    else:
+        value = loader.construct_mapping(node, deep=True)  # type: ignore[arg-type]
+    return {"Ref" if suffix == "Ref" else f"Fn::{suffix}": value}
+
+
+CfnLoader.add_multi_constructor("!", _short_tag)
+
+
+@pytest.fixture(scope="module")
+def template() -> dict[str, Any]:
+    return yaml.load(TEMPLATE.read_text(), Loader=CfnLoader)  # a SafeLoader with tags
+
+
+def functions(template: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {
+        name: res
+        for name, res in template["Resources"].items()
+        if res["Type"] in {"AWS::Serverless::Function", "AWS::Lambda::Function"}
+    }
+
+
+def env_vars(template: dict[str, Any]) -> dict[str, Any]:
+    """Every environment variable set for a function (Globals included)."""
+    found: dict[str, Any] = {}
+    globals_env = template.get("Globals", {}).get("Function", {}).get("Environment", {})
+    found.update(globals_env.get("Variables", {}))
+    for res in functions(template).values():
+        found.update(res["Properties"].get("Environment", {}).get("Variables", {}))
+    return found
+
+
+def candidates(template: dict[str, Any], value: Any) -> list[str]:
+    """The values a variable can take: each branch of Fn::If, each allowed or bounding value of a
+    referenced parameter (its default first), with parameters substituted in Fn::Sub."""
+    params = template["Parameters"]
+    if isinstance(value, dict) and "Ref" in value:
+        spec = params[value["Ref"]]
+        values = [spec.get("Default", "")]
+        values += spec.get("AllowedValues", [])
+        values += [spec[k] for k in ("MinValue", "MaxValue") if k in spec]
+        return [str(v) for v in values]
+    if isinstance(value, dict) and "Fn::If" in value:
+        _, then, otherwise = value["Fn::If"]
+        return candidates(template, then) + candidates(template, otherwise)
+    if isinstance(value, dict) and "Fn::Sub" in value:
+        text = value["Fn::Sub"]
+        return [
+            re.sub(r"\$\{(\w+)\}", lambda m: str(params[m.group(1)].get("Default") or "x"), text)
+        ]
+    if isinstance(value, dict):
+        pytest.fail(f"no resolver for {value}: extend candidates() in tests/unit/test_template.py")
+    return [str(value)]
+
+
+def test_template_sets_variables(template: dict[str, Any]) -> None:
+    assert functions(template), "no function in template.yaml"
+    assert "MODEL_URI" in env_vars(template)
+
+
+def test_every_variable_is_a_settings_field(template: dict[str, Any]) -> None:
+    fields = {name.upper() for name in Settings.model_fields}
+    unknown = sorted(set(env_vars(template)) - fields)
+    assert not unknown, f"template.yaml sets variables Settings does not read: {unknown}"
+
+
+def test_defaults_load(template: dict[str, Any]) -> None:
+    env = {name: candidates(template, value)[0] for name, value in env_vars(template).items()}
+    load_settings(env)
+
+
+def test_every_allowed_value_loads(template: dict[str, Any]) -> None:
+    for name, value in env_vars(template).items():
+        for candidate in candidates(template, value):
+            try:
+                load_settings({name: candidate})
+            except ConfigError as exc:
+                pytest.fail(
+                    f"template.yaml allows {name}={candidate!r} but Settings refuses: {exc}"
+                )
+
+
+def test_image_build_args_are_dockerfile_args(template: dict[str, Any]) -> None:
+    for res in functions(template).values():
+        meta = res.get("Metadata", {})
+        if res["Properties"].get("PackageType") != "Image":
+            continue
+        dockerfile = ROOT / meta.get("DockerContext", ".") / meta["Dockerfile"]
+        declared = set(re.findall(r"^ARG (\w+)", dockerfile.read_text(), flags=re.MULTILINE))
+        assert set(meta.get("DockerBuildArgs", {})) <= declared
