@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import hmac
-import json
 import logging
-from collections.abc import Iterator
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
@@ -18,38 +15,28 @@ from handler.config import Settings
 from handler.engine import LOADED_STATES, Engine, EngineState
 from handler.errors import (
     APIError,
-    AuthenticationFailed,
     InternalError,
-    InvalidRequest,
     MethodNotAllowed,
     NotFound,
     PayloadTooLarge,
 )
-from handler.openai_service import OpenAIService, monotonic_deadline
+from handler.http_common import (
+    SSE_HEADERS,
+    check_api_key,
+    invalid_request,
+    scope_deadline,
+    sse_lines,
+)
+from handler.openai_service import OpenAIService
 from handler.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.api")
 
-SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
 
 def error_response(error: APIError) -> JSONResponse:
     """An OpenAI error object with the error's status and headers."""
     return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
-
-
-def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
-    """Server-sent events: one `data:` line per chunk, an error object if one fails, then [DONE]."""
-    try:
-        for chunk in chunks:
-            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
-    except APIError as exc:
-        yield f"data: {json.dumps(exc.body())}\n\n"
-    except Exception:
-        log.exception("stream failed after the first chunk")
-        yield f"data: {json.dumps(InternalError('generation failed').body())}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 class BodySizeLimit:
@@ -93,32 +80,24 @@ class _TooLarge(Exception):
     pass
 
 
-def request_deadline(request: Request, settings: Settings) -> float | None:
-    """Lambda's remaining time (via Mangum's `aws.context`) minus the margin, else no deadline."""
-    context = request.scope.get("aws.context")
-    remaining = getattr(context, "get_remaining_time_in_millis", None)
-    return monotonic_deadline(remaining() if remaining else None, settings.deadline_margin_ms)
-
-
-def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    settings: Settings,
+    metrics: Metrics | None = None,
+    service: OpenAIService | None = None,
+) -> FastAPI:
     """Build the app around an engine that the caller owns (and loads)."""
-    service = OpenAIService(engine, settings, metrics)
+    service = service or OpenAIService(engine, settings, metrics)
     app = FastAPI(title="coldstart", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.service = service
 
-    def check_api_key(request: Request) -> None:
-        if settings.api_key is None:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        expected = settings.api_key.get_secret_value().encode()
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
-            raise AuthenticationFailed("Incorrect or missing API key (Authorization: Bearer ...)")
+    def authenticate(request: Request) -> None:
+        check_api_key(settings, request.headers.get("authorization"))
 
     def deadline(request: Request) -> float | None:
-        return request_deadline(request, settings)
+        return scope_deadline(request.scope, settings)
 
-    authed = [Depends(check_api_key)]
+    authed = [Depends(authenticate)]
 
     @app.exception_handler(APIError)
     async def _api_error(_: Request, exc: APIError) -> JSONResponse:
@@ -126,7 +105,7 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(validation_error(exc))
+        return error_response(invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -208,19 +187,3 @@ def create_app(engine: Engine, settings: Settings, metrics: Metrics | None = Non
 
     app.add_middleware(BodySizeLimit, limit=settings.max_request_bytes)
     return app
-
-
-def validation_error(exc: RequestValidationError) -> InvalidRequest:
-    """The first validation problem as a 400 naming the parameter."""
-    errors = exc.errors()
-    if not errors:
-        return InvalidRequest("invalid request")
-    first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
-    if first.get("type") == "json_invalid":
-        return InvalidRequest("request body is not valid JSON", code="invalid_json")
-    if first.get("type") == "missing" and not loc:
-        return InvalidRequest("request body is required")
-    param = ".".join(loc) if loc else None
-    message = first.get("msg", "invalid value")
-    return InvalidRequest(f"{param}: {message}" if param else message, param=param)

@@ -37,18 +37,30 @@ class LambdaApp:
     def __init__(self, engine: Engine, settings: Settings, init_s: float | None = None) -> None:
         from mangum import Mangum
 
-        from handler.api import create_app
+        from handler.cold_lane import ColdLane
+        from handler.openai_service import OpenAIService
 
         self.engine = engine
         self.settings = settings
         self.metrics = Metrics(function_name=settings.aws_lambda_function_name)
-        self.app = create_app(engine, settings, self.metrics)
-        self.service = self.app.state.service
+        self.service = OpenAIService(engine, settings, self.metrics)
         self.init_s = init_s
         self._phases_reported: set[str] = set()
+        # FastAPI is imported after the first invoke (or when a request needs it): see cold_lane.
+        self.cold_lane = ColdLane(self.service, settings, self._build_app)
         # lifespan="off": Mangum would run the ASGI lifespan on every invocation.
-        self.mangum = Mangum(self.app, lifespan="off")
+        self.mangum = Mangum(self.cold_lane, lifespan="off")
         self.cold = True
+
+    def _build_app(self) -> Any:
+        from handler.api import create_app
+
+        return create_app(self.engine, self.settings, self.metrics, self.service)
+
+    @property
+    def app(self) -> Any:
+        """The FastAPI app (imported and built on first use)."""
+        return self.cold_lane.full_app()
 
     def __call__(self, event: Any, context: Any) -> Any:
         kind = classify(event)
@@ -68,6 +80,8 @@ class LambdaApp:
             ).body()
         finally:
             self._emit_metrics(cold)
+            if cold:
+                self.cold_lane.build_full_app_in_background()
             log.info(
                 "invoke kind=%s cold=%s state=%s duration_ms=%.1f",
                 kind.value,
