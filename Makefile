@@ -19,6 +19,10 @@ DEFAULT_MODEL := $(CACHE_DIR)/models/$(MODEL_FILE)
 MODEL_URI   ?= $(DEFAULT_MODEL)
 export MODEL_URI
 
+# The lazy_mmap shim (handler/native/lazy_mmap.c): model load time flat in model size.
+LAZY_MMAP   := $(CACHE_DIR)/lib/liblazy_mmap.so
+LD_PRELOAD_ENV := LD_PRELOAD=$(LAZY_MMAP)
+
 PORT        ?= 8000
 RIE_PORT    ?= 9000
 RIE_API_PORT ?= 9001
@@ -26,7 +30,7 @@ RIE          = $(VENV)/lib/python3.11/site-packages/samcli/local/rapid/aws-lambd
 EVENT       ?= events/function-url-chat.json
 PYTEST_ARGS ?=
 
-.PHONY: help venv model run serve emulate invoke stop-emulator test lint format clean
+.PHONY: help venv model lazy-mmap run serve emulate invoke stop-emulator test lint format clean
 .PHONY: image-context image image-test image-sizes sam-build sam-local lint-infra
 
 help:
@@ -60,20 +64,26 @@ $(DEFAULT_MODEL):
 	echo "$(MODEL_SHA)  $(CACHE_DIR)/download/$(MODEL_FILE)" | sha256sum -c --quiet
 	mv $(CACHE_DIR)/download/$(MODEL_FILE) $@
 
+$(LAZY_MMAP): handler/native/lazy_mmap.c
+	mkdir -p $(dir $@)
+	gcc -O2 -shared -fPIC -Wall -Wextra -Werror -o $@ $< -ldl
+
+lazy-mmap: $(LAZY_MMAP)
+
 model: $(DEFAULT_MODEL)
 	@echo "$(DEFAULT_MODEL)"
 
-run: venv $(DEFAULT_MODEL)
+run: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
 	@echo "OpenAI base URL: http://127.0.0.1:$(PORT)/v1   (model: $(MODEL_URI))"
-	PORT=$(PORT) $(PY) -m handler serve --port $(PORT)
+	PORT=$(PORT) $(LD_PRELOAD_ENV) $(PY) -m handler serve --port $(PORT)
 
 serve: run
 
-emulate: venv $(DEFAULT_MODEL)
+emulate: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
 	@echo "Lambda invocations URL: http://127.0.0.1:$(RIE_PORT)/2015-03-31/functions/function/invocations"
 	$(RIE) --runtime-interface-emulator-address 127.0.0.1:$(RIE_PORT) \
 	  --runtime-api-address 127.0.0.1:$(RIE_API_PORT) \
-	  $(PY) -m awslambdaric handler.lambda_function.handler
+	  /usr/bin/env $(LD_PRELOAD_ENV) $(PY) -m awslambdaric handler.lambda_function.handler
 
 invoke: venv $(DEFAULT_MODEL)
 	@if ! curl -s -o /dev/null --max-time 1 http://127.0.0.1:$(RIE_PORT)/; then \
@@ -88,7 +98,7 @@ invoke: venv $(DEFAULT_MODEL)
 stop-emulator:
 	-pkill -f 'aws-lambda-rie-x86_64 --runtime-interface-emulator-address 127.0.0.1:$(RIE_PORT)'
 
-test: venv $(DEFAULT_MODEL)
+test: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
 	COLDSTART_TEST_MODEL=$(DEFAULT_MODEL) $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv lint-infra

@@ -76,6 +76,7 @@ class EngineStatus:
             "model_bytes": self.model_bytes,
             "phases_s": {k: v for k, v in vars(self.phases).items() if v is not None},
             "queue_depth": self.queue_depth,
+            "lazy_mmap": lazy_mmap_active(),
             **(
                 {"download": {"bytes_done": self.download[0], "bytes_total": self.download[1]}}
                 if self.download
@@ -502,6 +503,15 @@ class Engine:
             )
         vectors = [self._embedder.embed(tokens) for tokens in batches]
         return vectors, sum(len(t) for t in batches)
+
+
+def lazy_mmap_active() -> bool:
+    """Whether the lazy_mmap shim (no MAP_POPULATE on model mappings) is loaded in this process."""
+    try:
+        with open("/proc/self/maps") as maps:
+            return any("liblazy_mmap" in line for line in maps)
+    except OSError:
+        return False
 
 
 def _past(deadline: float | None) -> bool:
