@@ -1,4 +1,8 @@
-"""Command line: `python -m handler serve` runs the same app as an HTTP server (uvicorn)."""
+"""Command line: `python -m handler serve` runs the same app as an HTTP server (uvicorn).
+
+`python -m handler lambda` is the image's Lambda entry: it runs awslambdaric, or our own Runtime API
+loop (`python -m handler runtime`) where streaming or concurrency need it (RUNTIME, INVOKE_MODE).
+"""
 
 from __future__ import annotations
 
@@ -15,7 +19,15 @@ def main(argv: list[str] | None = None) -> int:
     serve = commands.add_parser("serve", help="serve the OpenAI API over HTTP")
     serve.add_argument("--host", help="listen address (default: HOST or 127.0.0.1)")
     serve.add_argument("--port", type=int, help="listen port (default: PORT or 8000)")
+    commands.add_parser("lambda", help="run on Lambda: awslambdaric or our loop, per RUNTIME")
+    commands.add_parser("runtime", help="our Lambda Runtime API loop (streaming, concurrency)")
     args = parser.parse_args(argv)
+    if args.command == "runtime":
+        from handler.runtime import main as runtime_main
+
+        return runtime_main()
+    if args.command == "lambda":
+        return run_lambda()
 
     try:
         settings = load_settings()
@@ -25,6 +37,29 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "serve":
         return serve_http(settings, args.host or settings.host, args.port or settings.port)
     return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+def run_lambda() -> int:
+    """Run the runtime that RUNTIME selects (auto: ours for RESPONSE_STREAM or concurrency > 1)."""
+    from handler.runtime import main as runtime_main
+    from handler.runtime import report_init_error
+
+    try:
+        settings = load_settings()
+    except ConfigError:
+        return runtime_main()  # reports the config error through /runtime/init/error
+    if settings.lambda_runtime == "coldstart":
+        return runtime_main()
+    if settings.invoke_mode == "RESPONSE_STREAM":
+        report_init_error(
+            settings.aws_lambda_runtime_api,
+            "INVOKE_MODE=RESPONSE_STREAM needs RUNTIME=coldstart or auto (awslambdaric buffers)",
+        )
+        return 1
+    from awslambdaric.__main__ import main as awslambdaric_main
+
+    awslambdaric_main(["awslambdaric", "handler.lambda_function.handler"])
+    return 0
 
 
 def serve_http(settings: object, host: str, port: int) -> int:

@@ -66,8 +66,20 @@ class Settings(BaseSettings):
     port: int = Field(8000, ge=1, le=65535)
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
+    # Lambda runtime: which Runtime API client runs the function (docs/runtime.md)
+    runtime: Literal["auto", "awslambdaric", "coldstart"] = Field(
+        "auto", description="auto: our loop when streaming or concurrent, else awslambdaric"
+    )
+    invoke_mode: Literal["BUFFERED", "RESPONSE_STREAM"] = Field(
+        "BUFFERED", description="The function URL's InvokeMode; RESPONSE_STREAM streams HTTP"
+    )
+
     # Set by Lambda itself
     aws_lambda_function_name: str = "coldstart"
+    aws_lambda_function_version: str = "$LATEST"
+    aws_lambda_function_memory_size: int | None = Field(None, ge=1)
+    aws_lambda_runtime_api: str | None = Field(None, description="host:port of the Runtime API")
+    aws_lambda_max_concurrency: int = Field(1, ge=1, le=1024, description="Managed Instances")
 
     @classmethod
     def settings_customise_sources(
@@ -93,6 +105,19 @@ class Settings(BaseSettings):
             raise ValueError("must not be empty")
         return value.strip()
 
+    @field_validator("invoke_mode", mode="before")
+    @classmethod
+    def _invoke_mode_upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @property
+    def lambda_runtime(self) -> Literal["awslambdaric", "coldstart"]:
+        """The runtime `python -m handler lambda` runs: ours where awslambdaric falls short."""
+        if self.runtime != "auto":
+            return self.runtime
+        streaming = self.invoke_mode == "RESPONSE_STREAM"
+        return "coldstart" if streaming or self.aws_lambda_max_concurrency > 1 else "awslambdaric"
+
     @property
     def model_id(self) -> str:
         """The model name callers see; the file's stem unless MODEL_ALIAS is set."""
@@ -100,6 +125,12 @@ class Settings(BaseSettings):
             return self.model_alias
         name = self.model_uri.rstrip("/").rsplit("/", 1)[-1]
         return name.removesuffix(".gguf") or "model"
+
+
+def runtime_api_address(environ: Mapping[str, str] | None = None) -> str | None:
+    """AWS_LAMBDA_RUNTIME_API alone, to report an init error when the rest of the config is bad."""
+    env = os.environ if environ is None else environ
+    return env.get("AWS_LAMBDA_RUNTIME_API") or None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
