@@ -271,7 +271,10 @@ class RuntimeLoop:
                 except (RuntimeAPIError, OSError, http.client.HTTPException) as exc:
                     log.error("runtime API unavailable, worker stops: %s", exc)
                     return
-                self.handle(client, invocation, loop)
+                try:
+                    self.handle(client, invocation, loop)
+                except Exception:  # a bug of ours must not take the worker down
+                    log.exception("request_id=%s: unexpected failure", invocation.request_id)
         finally:
             loop.close()
 
