@@ -142,7 +142,11 @@ class Container:
 
 
 def start(
-    command: list[str], *, entrypoint: str | None = None, mounts: list[str] = ()
+    command: list[str],
+    *,
+    entrypoint: str | None = None,
+    mounts: list[str] = (),
+    env: dict[str, str] | None = None,
 ) -> Container:
     """Start the image detached with `command`, read-only like Lambda, port 8080 on 127.0.0.1."""
     container = Container(name=f"coldstart-image-test-{uuid.uuid4().hex[:8]}", port=free_port())
@@ -150,6 +154,8 @@ def start(
     args += ["--tmpfs", "/tmp", "-p", f"127.0.0.1:{container.port}:8080"]
     for mount in mounts:
         args += ["-v", mount]
+    for name, value in (env or {}).items():
+        args += ["-e", f"{name}={value}"]
     if entrypoint:
         args += ["--entrypoint", entrypoint]
     container.started = time.monotonic()
@@ -179,16 +185,22 @@ def config() -> dict[str, Any]:
     return image_config()
 
 
-@pytest.fixture(scope="session")
-def lambda_container(config: dict[str, Any]) -> Iterator[Container]:
-    """The image's own CMD under the real RIE (mounted, not baked in), after its first response."""
+def start_under_rie(command: list[str], env: dict[str, str] | None = None) -> Container:
+    """`command` under the real RIE, mounted read-only (never baked into the image)."""
     if not RIE or not Path(RIE).is_file():
         pytest.fail(f"COLDSTART_RIE={RIE!r} is not the RIE binary (make image-test sets it)")
-    container = start(
-        config["Cmd"],
+    return start(
+        command,
         entrypoint="/aws-lambda/aws-lambda-rie",
-        mounts=[f"{RIE}:/aws-lambda/aws-lambda-rie:ro"],
+        mounts=[f"{Path(RIE).resolve()}:/aws-lambda/aws-lambda-rie:ro"],
+        env=env,
     )
+
+
+@pytest.fixture(scope="session")
+def lambda_container(config: dict[str, Any]) -> Iterator[Container]:
+    """The image's own CMD under the real RIE, after its first response."""
+    container = start_under_rie(config["Cmd"])
     try:
         container.wait_http("/")  # the RIE answers 404 on / as soon as it listens
         FIGURES["lambda: container start -> RIE listening"] = f"{container.elapsed():.2f} s"

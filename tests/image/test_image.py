@@ -26,6 +26,7 @@ from .conftest import (
     load_event,
     save_logs,
     start,
+    start_under_rie,
 )
 
 EVENT_FILES = sorted(p.name for p in EVENTS_DIR.glob("*.json"))
@@ -119,6 +120,7 @@ def check_event_response(event: dict[str, Any], response: Any) -> None:
         check_http(event, response)
     elif event.get("source") == "aws.events":
         assert response["ok"] is True and response["state"] == "warm", response
+        assert response["lazy_mmap"] is True, "the image preloads the lazy_mmap shim"
     elif "messages" in event:
         check_chat(response)
     elif "prompt" in event:
@@ -143,7 +145,7 @@ def invoke(container: Container, name: str) -> Any:
 
 def test_image_runs_as_non_root_with_lambda_cmd(config: dict[str, Any]) -> None:
     assert config.get("User") not in (None, "", "0", "root", "0:0")
-    assert config["Cmd"][-3:] == ["-m", "awslambdaric", "handler.lambda_function.handler"]
+    assert config["Cmd"][-3:] == ["-m", "handler", "lambda"]  # awslambdaric unless streaming
     FIGURES["image size"] = (
         f"{int(engine('image', 'inspect', '--format', '{{.Size}}', IMAGE)) / 1e6:.1f} MB"
     )
@@ -188,4 +190,26 @@ def test_http_server_mode() -> None:
         check_models(json.loads(raw))
     finally:
         save_logs(container, "server")
+        container.remove()
+
+
+def test_response_stream_mode(config: dict[str, Any]) -> None:
+    """INVOKE_MODE=RESPONSE_STREAM: the image's command runs our Runtime API loop, which streams
+    a prelude, 8 NUL bytes, then the SSE body."""
+    container = start_under_rie(config["Cmd"], env={"INVOKE_MODE": "RESPONSE_STREAM"})
+    try:
+        container.wait_http("/")
+        status, _, raw = container.request(INVOKE_PATH, load_event("function-url-chat-stream.json"))
+        assert status == 200, raw[:500]
+        FIGURES["stream: container start -> whole streamed response"] = (
+            f"{container.elapsed():.2f} s"
+        )
+        prelude, sep, body = raw.partition(b"\0" * 8)
+        assert sep, f"no prelude delimiter in {raw[:300]!r}"
+        head = json.loads(prelude)
+        assert head["statusCode"] == 200
+        assert head["headers"]["content-type"].startswith("text/event-stream")
+        check_sse(body.decode())
+    finally:
+        save_logs(container, "stream")
         container.remove()
