@@ -118,7 +118,7 @@ def fetch_s3_model(settings: Settings, progress: Progress | None = None) -> Reso
         files.part.unlink(missing_ok=True)  # left behind by a process killed mid-download
         cached = _read_marker(files, uri)
         pinned = settings.model_sha256
-        if cached and pinned and cached["sha256"] == pinned:
+        if cached and pinned and cached.get("sha256") == pinned:
             # The bytes are exactly the pinned ones: no need to ask S3 anything.
             return _reuse(files, cached, uri)
         client = _client(settings)
@@ -128,7 +128,7 @@ def fetch_s3_model(settings: Settings, progress: Progress | None = None) -> Reso
                 f"model {uri}: object size {info.size} does not match "
                 f"MODEL_SIZE_BYTES {settings.model_size_bytes}"
             )
-        if cached and cached["etag"] == info.etag and cached["size"] == info.size and not pinned:
+        if cached and not pinned and (cached.get("etag"), cached["size"]) == (info.etag, info.size):
             return _reuse(files, cached, uri)
         return _download(client, settings, location, info, files=files, progress=progress)
 
@@ -136,7 +136,7 @@ def fetch_s3_model(settings: Settings, progress: Progress | None = None) -> Reso
 def _reuse(files: CacheFiles, marker: dict[str, Any], uri: str) -> ResolvedModel:
     log.info("model %s: reusing verified cache file %s", uri, files.model)
     return ResolvedModel(
-        path=files.model, size_bytes=marker["size"], source="s3", sha256=marker["sha256"]
+        path=files.model, size_bytes=marker["size"], source="s3", sha256=marker.get("sha256")
     )
 
 
@@ -406,8 +406,11 @@ def _verify(uri: str, expected: Expected, digest: Digest) -> None:
 
 def _transfer_error(uri: str, cache_dir: Path, exc: BaseException) -> ModelSourceError:
     """One line for whatever stopped the transfer (the partial file is already gone)."""
+    # Network errors reach here wrapped by botocore or s3transfer; a bare OSError is local.
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         return ModelSourceError(f"model {uri}: no space left in {cache_dir} during download")
+    if isinstance(exc, OSError):
+        return ModelSourceError(f"model {uri}: file error in {cache_dir} ({exc.strerror or exc})")
     cause = exc
     # s3transfer wraps the last attempt's error; report that one.
     while cause.__cause__ is None and getattr(cause, "last_exception", None) is not None:

@@ -172,3 +172,26 @@ def test_marker_is_trusted_only_for_the_same_file(tmp_path):
     assert _read_marker(files, "s3://b/m.gguf") is None
     files.marker.write_text(json.dumps([1, 2]))
     assert _read_marker(files, "s3://b/m.gguf") is None
+
+
+def test_transfer_errors_are_one_line_naming_the_uri(tmp_path):
+    import errno
+
+    from handler.s3_fetch import _transfer_error
+
+    full = _transfer_error("s3://b/k", tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    assert str(full) == f"model s3://b/k: no space left in {tmp_path} during download"
+    denied = _transfer_error(
+        "s3://b/k", tmp_path, PermissionError(errno.EACCES, "Permission denied")
+    )
+    assert str(denied) == f"model s3://b/k: file error in {tmp_path} (Permission denied)"
+
+    class RetriesExceeded(Exception):  # the shape of s3transfer's RetriesExceededError
+        def __init__(self, last: Exception) -> None:
+            super().__init__("Max Retries Exceeded")
+            self.last_exception = last
+
+    wrapped = _transfer_error(
+        "s3://b/k", tmp_path, RetriesExceeded(ValueError("line one\nline two"))
+    )
+    assert str(wrapped) == "model s3://b/k: download failed after retries: line one"
