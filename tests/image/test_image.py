@@ -159,6 +159,19 @@ def test_image_has_no_compilers() -> None:
     assert found.strip() == ""
 
 
+def test_every_handler_module_imports() -> None:
+    """The pinned deps cover every module, including paths the events do not reach (S3, runtime)."""
+    script = (
+        "import importlib, pkgutil, handler\n"
+        "skip = {'lambda_function', '__main__'}  # importing these runs init / the CLI\n"
+        "names = [m.name for m in pkgutil.iter_modules(handler.__path__) if m.name not in skip]\n"
+        "for name in names: importlib.import_module('handler.' + name)\n"
+        "print(len(names))"
+    )
+    out = engine("run", "--rm", "--pull=never", "--read-only", IMAGE, "python", "-c", script)
+    assert int(out.strip()) > 5
+
+
 def test_cold_start_first_response(lambda_container: Container) -> None:
     assert lambda_container.first is not None
     status, _, raw = lambda_container.first
