@@ -106,11 +106,11 @@ lint: venv lint-infra
 	$(PY) -m ruff format --check handler tests bench layers
 
 format: venv
-	$(PY) -m ruff format handler tests bench
-	$(PY) -m ruff check --fix handler tests bench
+	$(PY) -m ruff format handler tests bench layers
+	$(PY) -m ruff check --fix handler tests bench layers
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache .cache
+	rm -rf $(VENV) .pytest_cache .ruff_cache .cache layers/.build .aws-sam
 
 # ---- container image (layers/), SAM ------------------------------------------------------------
 # podman or docker, whichever is present. On machines without a registry or daemon,
