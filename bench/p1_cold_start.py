@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 import urllib.error
-from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -52,19 +51,38 @@ def function_url_event() -> dict[str, Any]:
 def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     """Spawn the emulator + our runtime, invoke the function URL event as soon as it listens."""
     port, api_port = free_port(), free_port()
-    env = {"MODEL_URI": str(MODEL), "N_CTX": str(N_CTX), "N_THREADS": str(THREADS),
-           "AWS_LAMBDA_FUNCTION_TIMEOUT": "60", **(extra_env or {})}
-    cmd = [str(RIE), "--runtime-interface-emulator-address", f"127.0.0.1:{port}",
-           "--runtime-api-address", f"127.0.0.1:{api_port}",
-           sys.executable, "-m", "awslambdaric", "handler.lambda_function.handler"]
+    env = {
+        "MODEL_URI": str(MODEL),
+        "N_CTX": str(N_CTX),
+        "N_THREADS": str(THREADS),
+        "AWS_LAMBDA_FUNCTION_TIMEOUT": "60",
+        **(extra_env or {}),
+    }
+    cmd = [
+        str(RIE),
+        "--runtime-interface-emulator-address",
+        f"127.0.0.1:{port}",
+        "--runtime-api-address",
+        f"127.0.0.1:{api_port}",
+        sys.executable,
+        "-m",
+        "awslambdaric",
+        "handler.lambda_function.handler",
+    ]
     url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     event = function_url_event()
     log_path = OUT / "ours-stdout.log"
     full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     started = time.perf_counter()
     with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, env=full_env, cwd=ROOT, start_new_session=True,
-                                stdout=log, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            cmd,
+            env=full_env,
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         try:
             result: dict[str, Any] = {}
 
@@ -80,8 +98,9 @@ def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
             proc.wait(10)
     body = json.loads(result["body"])
     assert body["usage"]["completion_tokens"] == 16, body
-    emf = [json.loads(line) for line in log_path.read_text().splitlines()
-           if line.startswith('{"_aws"')]
+    emf = [
+        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith('{"_aws"')
+    ]
     return {"total_s": elapsed, "rss_mb": rss, "emf": emf[0] if emf else {}}
 
 
@@ -90,14 +109,39 @@ def run_anchor(side: str) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     if side == "llama_cpp.server":
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(MODEL),
-               "--n_ctx", str(N_CTX), "--n_threads", str(THREADS), "--host", "127.0.0.1",
-               "--port", str(port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(MODEL),
+            "--n_ctx",
+            str(N_CTX),
+            "--n_threads",
+            str(THREADS),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ]
         ready_url = base + "/v1/models"
     else:
         server = require(LLAMA_CPP_BIN / "llama-server", "run `make bench-anchors`")
-        cmd = [str(server), "-m", str(MODEL), "-c", str(N_CTX), "-t", str(THREADS),
-               "--host", "127.0.0.1", "--port", str(port), "-np", "1"]
+        cmd = [
+            str(server),
+            "-m",
+            str(MODEL),
+            "-c",
+            str(N_CTX),
+            "-t",
+            str(THREADS),
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "-np",
+            "1",
+        ]
         ready_url = base + "/health"
     started = time.perf_counter()
     with spawn(cmd) as proc:
@@ -132,8 +176,10 @@ def main() -> None:
                     print(f"{side} {cache}: failed: {exc}", file=sys.stderr)
                     continue
                 runs.append({"side": side, "cache": cache, "round": round_no, **result})
-                print(f"round {round_no} {cache:7s} {side:17s} {result['total_s']:.3f}s",
-                      file=sys.stderr)
+                print(
+                    f"round {round_no} {cache:7s} {side:17s} {result['total_s']:.3f}s",
+                    file=sys.stderr,
+                )
     summary: dict[str, Any] = {}
     for cache in ("warm", "evicted"):
         for side in sides:
@@ -142,8 +188,9 @@ def main() -> None:
                 summary[f"{side}/{cache}"] = {
                     "median_s": median(totals),
                     "n": len(totals),
-                    "rss_mb": median([r["rss_mb"] for r in runs
-                                      if r["side"] == side and r["cache"] == cache]),
+                    "rss_mb": median(
+                        [r["rss_mb"] for r in runs if r["side"] == side and r["cache"] == cache]
+                    ),
                 }
     path = OUT / "p1.json"
     path.write_text(json.dumps({"runs": runs, "summary": summary}, indent=1))
