@@ -64,8 +64,7 @@ class LambdaApp:
 
     def __call__(self, event: Any, context: Any) -> Any:
         kind = classify(event)
-        started = time.perf_counter()
-        cold, self.cold = self.cold, False
+        started, cold = self.begin_invocation()
         try:
             if kind in HTTP_KINDS:
                 return self.mangum(event, context)
@@ -79,20 +78,31 @@ class LambdaApp:
                 code="unsupported_event",
             ).body()
         finally:
-            self._emit_metrics(cold)
-            if cold:
-                self.cold_lane.build_full_app_in_background()
-            log.info(
-                "invoke kind=%s cold=%s state=%s duration_ms=%.1f",
-                kind.value,
-                cold,
-                self.engine.state.value,
-                (time.perf_counter() - started) * 1000,
-            )
+            self.end_invocation(kind, started, cold)
 
-    def _emit_metrics(self, cold: bool) -> None:
+    def begin_invocation(self) -> tuple[float, bool]:
+        """Start the per-invoke bookkeeping: (start time, whether this is the cold invoke)."""
+        cold, self.cold = self.cold, False
+        return time.perf_counter(), cold
+
+    def end_invocation(self, kind: EventKind, started: float, cold: bool) -> None:
+        """Metrics and log line for one invoke; after the cold one, build FastAPI off-path."""
+        elapsed = time.perf_counter() - started
+        self._emit_metrics(cold, elapsed)
+        if cold:
+            self.cold_lane.build_full_app_in_background()
+        log.info(
+            "invoke kind=%s cold=%s state=%s duration_ms=%.1f",
+            kind.value,
+            cold,
+            self.engine.state.value,
+            elapsed * 1000,
+        )
+
+    def _emit_metrics(self, cold: bool, invocation_s: float) -> None:
         """One EMF line per invoke: cold-start phases once, then request metrics."""
         self.metrics.record("ColdStart", 1.0 if cold else 0.0)
+        self.metrics.record("InvocationDuration", invocation_s)
         if cold:
             self.metrics.record("InitDuration", self.init_s)
         status = self.engine.status()

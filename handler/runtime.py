@@ -330,7 +330,7 @@ class RuntimeLoop:
         from handler.runtime_stream import StreamingCycle
 
         lambda_app = self.lambda_app
-        cold, lambda_app.cold = lambda_app.cold, False
+        started, cold = lambda_app.begin_invocation()
         try:
             # The same ASGI app and event translation as LambdaApp's buffered Mangum path.
             request = lambda_app.mangum.infer(event, context)
@@ -346,9 +346,7 @@ class RuntimeLoop:
             client.post_error(invocation.request_id, ErrorReport.from_exception(exc))
         finally:
             # The per-invoke bookkeeping LambdaApp.__call__ does for the events it answers.
-            lambda_app._emit_metrics(cold)
-            if cold:
-                lambda_app.cold_lane.build_full_app_in_background()
+            lambda_app.end_invocation(classify(event), started, cold)
 
 
 def report_init_error(

@@ -32,6 +32,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "CompletionTokens": ("Count", "tokens generated"),
     "PromptTokens": ("Count", "prompt tokens evaluated"),
     "QueueDepth": ("Count", "requests waiting for the engine"),
+    "InvocationDuration": ("Seconds", "time spent in the handler for one invocation"),
 }
 
 
