@@ -31,6 +31,7 @@ EVENT       ?= events/function-url-chat.json
 PYTEST_ARGS ?=
 
 .PHONY: help venv model lazy-mmap run serve emulate invoke stop-emulator test lint format clean
+.PHONY: bench bench-anchors
 .PHONY: image-context image image-test image-sizes sam-build sam-local lint-infra
 
 help:
@@ -108,6 +109,35 @@ lint: venv lint-infra
 format: venv
 	$(PY) -m ruff format handler tests bench layers
 	$(PY) -m ruff check --fix handler tests bench layers
+
+# Anchors for the benchmarks: llama.cpp's llama-server and llama-bench, built from the source
+# vendored in the same llama-cpp-python sdist, with the same pinned ISA, outside the repo.
+LLAMA_SRC   := $(CACHE_DIR)/src/llama_cpp_python-$(LLAMA_CPP_VERSION)
+LLAMA_BIN   := $(CACHE_DIR)/llama.cpp-build/bin
+BENCH_ROUNDS ?= 5
+
+$(LLAMA_SRC)/vendor/llama.cpp/CMakeLists.txt:
+	mkdir -p $(CACHE_DIR)/src
+	$(PYTHON) -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP_VERSION) -d $(CACHE_DIR)/src
+	tar xzf $(CACHE_DIR)/src/llama_cpp_python-$(LLAMA_CPP_VERSION).tar.gz -C $(CACHE_DIR)/src \
+	  --exclude='*/vendor/llama.cpp/models/*.gguf'
+
+$(LLAMA_BIN)/llama-bench: $(LLAMA_SRC)/vendor/llama.cpp/CMakeLists.txt
+	cmake -S $(LLAMA_SRC)/vendor/llama.cpp -B $(CACHE_DIR)/llama.cpp-build -DCMAKE_BUILD_TYPE=Release \
+	  -DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON -DLLAMA_CURL=OFF \
+	  -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON -DLLAMA_BUILD_TOOLS=ON
+	cmake --build $(CACHE_DIR)/llama.cpp-build -j$$(nproc) --target llama-server llama-bench
+
+bench-anchors: $(LLAMA_BIN)/llama-bench
+
+# Benchmarks: ratios against anchors measured in the same run (bench/RESULTS.md).
+bench: venv $(DEFAULT_MODEL) $(LAZY_MMAP) bench-anchors
+	$(PY) -m pip install -q -e '.[bench]'
+	$(PY) -m bench.p1_cold_start --rounds $(BENCH_ROUNDS)
+	$(PY) -m bench.p2_init_vs_size --rounds 3
+	$(PY) -m bench.p3_p4_warm --rounds $(BENCH_ROUNDS)
+	$(PY) -m bench.imports --rounds $(BENCH_ROUNDS)
+	$(PY) -m bench.report
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache layers/.build .aws-sam

@@ -21,6 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("CACHE_DIR", Path.home() / ".cache/coldstart"))
 MODEL = Path(os.environ.get("MODEL_URI", CACHE / "models/SmolLM2-135M-Instruct.Q4_1.gguf"))
 LLAMA_CPP_BIN = Path(os.environ.get("LLAMA_CPP_BIN", CACHE / "llama.cpp-build/bin"))
+LAZY_MMAP = CACHE / "lib/liblazy_mmap.so"
 RIE = Path(sys.prefix) / "lib/python3.11/site-packages/samcli/local/rapid/aws-lambda-rie-x86_64"
 OUT = ROOT / "bench/out"
 N_CTX = 2048

@@ -19,6 +19,7 @@ from typing import Any
 
 from bench.common import (
     CACHE,
+    LAZY_MMAP,
     OUT,
     RIE,
     ROOT,
@@ -30,8 +31,6 @@ from bench.common import (
     post_json,
 )
 from bench.synth_model import SHAPES, write_model
-
-LAZY_MMAP = CACHE / "lib/liblazy_mmap.so"
 
 
 def init_once(model: Path, lazy: bool) -> dict[str, Any]:

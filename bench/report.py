@@ -1,0 +1,278 @@
+"""Render bench/out/*.json into bench/RESULTS.md (the generated section) and PNG charts.
+
+The waterfall's phases for our side come from the EMF line the function printed during the P1
+run: the same metrics production emits. Sections written by other benchmarks stay untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from bench.common import OUT, ROOT
+
+RESULTS = ROOT / "bench/RESULTS.md"
+BEGIN = "<!-- bench/report.py: begin -->"
+END = "<!-- bench/report.py: end -->"
+IMAGES = ROOT / "bench/img"
+
+
+def load(name: str) -> dict[str, Any] | None:
+    path = OUT / name
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def waterfall_rows(p1: dict[str, Any]) -> dict[str, list[tuple[str, float, float]]]:
+    """Per side: (label, start, duration) bars of the median warm-cache run."""
+    rows: dict[str, list[tuple[str, float, float]]] = {}
+    for side in ("coldstart", "llama_cpp.server", "llama-server"):
+        runs = [r for r in p1["runs"] if r["side"] == side and r["cache"] == "warm"]
+        if not runs:
+            continue
+        total = statistics.median(r["total_s"] for r in runs)
+        run = min(runs, key=lambda r: abs(r["total_s"] - total))
+        if side != "coldstart":
+            rows[side] = [
+                ("spawn to listening (imports, load)", 0.0, run["ready_s"]),
+                ("first request", run["ready_s"], run["total_s"] - run["ready_s"]),
+            ]
+            continue
+        emf = run["emf"]
+        init, invoke = emf.get("InitDuration", 0.0), emf.get("InvocationDuration", 0.0)
+        start = max(0.0, run["total_s"] - init - invoke)
+        bars = [("process + runtime start", 0.0, start)]
+        t = start
+        for label, key in (
+            ("model resolve", "ResolveDuration"),
+            ("llama.cpp bindings import", "ImportDuration"),
+            ("model load (mmap)", "LoadDuration"),
+        ):
+            value = emf.get(key, 0.0)
+            bars.append((label, t, value))
+            t += value
+        bars.append(("init total (web stack imports overlap the load)", start, init))
+        ttft = emf.get("TimeToFirstToken", 0.0)
+        queue = emf.get("QueueDuration", 0.0)
+        decode = invoke - ttft - queue
+        begin = start + init
+        bars += [
+            ("queue", begin, queue),
+            ("prompt + first token", begin + queue, ttft),
+            ("decode + answer", begin + queue + ttft, decode),
+        ]
+        rows[side] = bars
+    return rows
+
+
+def draw_waterfall(p1: dict[str, Any]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = waterfall_rows(p1)
+    fig, axes = plt.subplots(
+        len(rows), 1, figsize=(9, 1.2 + 0.45 * sum(map(len, rows.values()))), sharex=True
+    )
+    axes = axes if len(rows) > 1 else [axes]
+    for ax, (side, bars) in zip(axes, rows.items(), strict=True):
+        labels = [b[0] for b in bars]
+        ax.barh(
+            range(len(bars)),
+            [b[2] for b in bars],
+            left=[b[1] for b in bars],
+            color=["#4c72b0" if "init" not in b[0] else "#aec7e8" for b in bars],
+        )
+        ax.set_yticks(range(len(bars)), labels, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_title(
+            f"{side}: spawn to first chat completion (16 tokens), page cache warm", fontsize=9
+        )
+    axes[-1].set_xlabel("seconds since spawn")
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / "p1_waterfall.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def draw_ratios(ratios: dict[str, tuple[float, float]]) -> Path:
+    """Bar chart: measured ratio vs target (lower or higher is better, per label)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9, 0.5 + 0.45 * len(ratios)))
+    names = list(ratios)
+    ax.barh(names, [ratios[n][0] for n in names], color="#4c72b0", label="measured")
+    ax.scatter(
+        [ratios[n][1] for n in names],
+        names,
+        color="#d62728",
+        marker="|",
+        s=400,
+        label="target",
+        zorder=3,
+    )
+    ax.invert_yaxis()
+    ax.set_xlabel("ratio against the anchor measured in the same run")
+    ax.legend(loc="lower right", fontsize=8)
+    ax.tick_params(axis="y", labelsize=8)
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / "ratios.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def section() -> str:
+    p1, p2, p34, imports = (
+        load("p1.json"),
+        load("p2.json"),
+        load("p3_p4.json"),
+        load("imports.json"),
+    )
+    lines = [
+        BEGIN,
+        "",
+        "## P1-P4, P7, import budget (issue 4)",
+        "",
+        "Generated by `make bench` (bench/report.py) from `bench/out/*.json`; every figure "
+        "is a ratio against an anchor measured in the same run, runs interleaved, medians.",
+        "",
+    ]
+    ratios: dict[str, tuple[float, float]] = {}
+    if p1:
+        s = p1["summary"]
+        lines += [
+            "### P1: spawn to first chat completion (16 tokens)",
+            "",
+            "Command: `python -m bench.p1_cold_start --rounds 5`. Ours: the real Lambda "
+            "emulator running `awslambdaric handler.lambda_function.handler` with the "
+            "lazy_mmap shim, a function URL event; anchors: `python -m llama_cpp.server`, "
+            "`llama-server`; same model, n_ctx 2048, threads = vCPUs.",
+            "",
+            "| page cache | coldstart s | llama_cpp.server s | llama-server s | vs "
+            "llama_cpp.server (target <= 0.5) | vs llama-server (target <= 0.75) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for cache in ("warm", "evicted"):
+            ours = s.get(f"coldstart/{cache}", {}).get("median_s")
+            a = s.get(f"llama_cpp.server/{cache}", {}).get("median_s")
+            b = s.get(f"llama-server/{cache}", {}).get("median_s")
+            if ours and a and b:
+                lines.append(
+                    f"| {cache} | {ours:.3f} | {a:.3f} | {b:.3f} | {ours / a:.2f} | "
+                    f"{ours / b:.2f} |"
+                )
+                ratios[f"P1 {cache} vs llama_cpp.server"] = (ours / a, 0.5)
+                ratios[f"P1 {cache} vs llama-server"] = (ours / b, 0.75)
+        lines += ["", "![cold start waterfall](img/p1_waterfall.png)", ""]
+        draw_waterfall(p1)
+        rss = s.get("coldstart/warm", {}).get("rss_mb")
+        if rss:
+            lines += [
+                f"P7 peak RSS of the function during P1 (warm cache): {rss:.0f} MB; "
+                f"llama_cpp.server {s.get('llama_cpp.server/warm', {}).get('rss_mb', 0):.0f}"
+                f" MB, llama-server {s.get('llama-server/warm', {}).get('rss_mb', 0):.0f}"
+                " MB (see P7 below).",
+                "",
+            ]
+    if p2:
+        lines += [
+            "### P2: init duration vs model size (page cache evicted)",
+            "",
+            "Command: `python -m bench.p2_init_vs_size --rounds 3`. Synthetic llama GGUFs "
+            "(F16, zero weights, the default model's tokenizer) through the same init path "
+            "under the real emulator; InitDuration and LoadDuration from the function's "
+            "EMF line. `lazy` = with the lazy_mmap shim (default), `populate` = llama.cpp's"
+            " MAP_POPULATE.",
+            "",
+            "| model | bytes | init s (lazy) | load s (lazy) | "
+            "init s (populate) | load s (populate) |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        sizes = sorted({k.split("/")[0] for k in p2["summary"]}, key=lambda x: float(x[:-2]))
+        for size in sizes:
+            lazy, pop = p2["summary"][f"{size}/lazy"], p2["summary"][f"{size}/populate"]
+            lines.append(
+                f"| {size} | {lazy['bytes']:,} | {lazy['init_s']:.3f} | "
+                f"{lazy['load_s']:.3f} | {pop['init_s']:.3f} | {pop['load_s']:.3f} |"
+            )
+        lines.append("")
+    if p34:
+        s = p34["summary"]
+        rate, ratio = s["p3_tokens_per_s"], s["p3_ratio_vs_llama_bench"]
+        lines += [
+            "### P3: warm decode tokens/s (greedy, same model and threads)",
+            "",
+            "Command: `python -m bench.p3_p4_warm --rounds 5`. Rate = (n-1)/(T(n)-T(1)) on a"
+            " cached prompt, n = 128; anchor: `llama-bench -p 0 -n 128` (decode only, no "
+            "sampling).",
+            "",
+            "| path | tokens/s | vs llama-bench (target >= 0.97) |",
+            "|---|---:|---:|",
+        ]
+        for name in rate:
+            lines.append(f"| {name} | {rate[name]:.1f} | {ratio[name]:.3f} |")
+        for name in ("handler", "server"):
+            ratios[f"P3 {name} vs llama-bench"] = (ratio[name], 0.97)
+        lines += [
+            "",
+            "### P4: adapter overhead (warm 1-token request)",
+            "",
+            "Same command. Each side in its own process, interleaved; `direct` = the same "
+            "llama.cpp calls made straight on the C API.",
+            "",
+            "| path | ms | overhead ms (target <= 5) |",
+            "|---|---:|---:|",
+        ]
+        for name, ms in s["p4_ms"].items():
+            over = s["p4_overhead_ms"].get(name)
+            lines.append(f"| {name} | {ms:.2f} | {'' if over is None else f'{over:.2f}'} |")
+        lines.append("")
+    if imports:
+        lines += [
+            "### Import budget of Lambda init",
+            "",
+            "Command: `python -m bench.imports` (`python -X importtime`, self times per "
+            "package, median). `handler` includes the wait for the model load.",
+            "",
+            "| package | s |",
+            "|---|---:|",
+        ]
+        lines += [f"| {k} | {v:.3f} |" for k, v in imports["top_level_s"].items()]
+        lines += [
+            "",
+            "Not imported at init (first request does not need them): "
+            + ", ".join(f"`{m}`" for m in imports["heavy_not_imported"])
+            + ".",
+            "",
+        ]
+    if ratios:
+        draw_ratios(ratios)
+        lines += ["### Ratios against targets", "", "![ratios](img/ratios.png)", ""]
+    lines.append(END)
+    return "\n".join(lines)
+
+
+def main() -> None:
+    text = RESULTS.read_text() if RESULTS.exists() else "# Benchmark results\n"
+    generated = section()
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        tail = rest.split(END, 1)[1]
+        text = head + generated + tail
+    else:
+        text = text.rstrip() + "\n\n" + generated + "\n"
+    RESULTS.write_text(text)
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()
