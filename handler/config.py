@@ -6,6 +6,7 @@ environment variable is the field name in upper case (e.g. `model_uri` <- `MODEL
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,12 +22,38 @@ class ConfigError(ValueError):
     """Invalid configuration; the message is one line naming the variable."""
 
 
-def available_cpus() -> int:
-    """vCPUs this process may run on (Lambda gives 1-6 depending on memory)."""
+def available_cpus(cgroup_root: Path = Path("/sys/fs/cgroup")) -> int:
+    """CPUs this process can really use: the affinity mask, capped by a cgroup CPU quota.
+
+    Lambda gives 1-6 vCPUs depending on memory; containers (ECS/EKS) often show every host CPU
+    but cap CPU time with a quota. More llama.cpp threads than that only makes them wait on
+    each other at every barrier.
+    """
     try:
-        return max(1, len(os.sched_getaffinity(0)))
+        cpus = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - non-Linux
-        return max(1, os.cpu_count() or 1)
+        cpus = os.cpu_count() or 1
+    quota = _cgroup_cpu_quota(cgroup_root)
+    if quota is not None:
+        cpus = min(cpus, max(1, math.ceil(quota)))
+    return max(1, cpus)
+
+
+def _cgroup_cpu_quota(root: Path) -> float | None:
+    """CPUs' worth of quota from cgroup v2 `cpu.max` or v1 `cpu.cfs_quota_us`, None if unlimited."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if fields and fields[0] != "max":
+            return int(fields[0]) / int(fields[1])
+        return None
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        quota = int((root / "cpu/cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu/cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return quota / period if quota > 0 and period > 0 else None
 
 
 class Settings(BaseSettings):

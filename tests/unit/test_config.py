@@ -67,3 +67,27 @@ def test_model_id_is_file_stem_unless_aliased():
 def test_sha256_is_normalised():
     digest = "B179C9523D0E6A0F98A330C7562B682750A6F8C8C15E5BC70EA373728110DB53"
     assert load_settings({"MODEL_SHA256": digest}).model_sha256 == digest.lower()
+
+
+def test_threads_follow_a_cgroup_v2_quota(tmp_path):
+    from handler.config import available_cpus
+
+    (tmp_path / "cpu.max").write_text("150000 100000\n")  # 1.5 CPUs of quota
+    import os
+
+    assert available_cpus(tmp_path) == min(len(os.sched_getaffinity(0)), 2)
+    (tmp_path / "cpu.max").write_text("50000 100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu.max").write_text("max 100000\n")
+    assert available_cpus(tmp_path) == len(os.sched_getaffinity(0))
+
+
+def test_threads_follow_a_cgroup_v1_quota(tmp_path):
+    from handler.config import available_cpus
+
+    (tmp_path / "cpu").mkdir()
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("100000\n")
+    (tmp_path / "cpu/cpu.cfs_period_us").write_text("100000\n")
+    assert available_cpus(tmp_path) == 1
+    (tmp_path / "cpu/cpu.cfs_quota_us").write_text("-1\n")
+    assert available_cpus(tmp_path) >= 1
