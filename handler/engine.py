@@ -118,11 +118,33 @@ _END = object()
 
 @dataclass
 class Generation:
-    """An iterator of text pieces produced on the engine thread; `result` is set at the end."""
+    """An iterator of text pieces produced on the engine thread; `result` is set at the end.
 
+    With `streaming=False` the pieces are handed over once, at the end: the waiting thread is
+    not woken per token, which on a 2-vCPU Lambda would steal a core from llama.cpp's threads.
+    """
+
+    streaming: bool = True
     _pieces: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _cancel: threading.Event = field(default_factory=threading.Event)
+    _buffer: list[str] = field(default_factory=list)
     result: GenerationResult = field(default_factory=GenerationResult)
+
+    def emit(self, text: str) -> None:
+        """Called on the engine thread for each piece of text."""
+        if self.streaming:
+            self._pieces.put(text)
+        else:
+            self._buffer.append(text)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Called on the engine thread when the generation ends (with its error, if any)."""
+        if self._buffer:
+            self._pieces.put("".join(self._buffer))
+            self._buffer.clear()
+        if error is not None:
+            self._pieces.put(error)
+        self._pieces.put(_END)
 
     def __iter__(self) -> Iterator[str]:
         while True:
@@ -390,22 +412,28 @@ class Engine:
     # ----------------------------------------------------------------- generation
 
     def generate(
-        self, prompt: list[int], params: SamplingParams, deadline: float | None = None
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None = None,
+        streaming: bool = True,
     ) -> Generation:
-        """Queue a generation; iterate the returned object for text pieces as they are decoded."""
+        """Queue a generation; iterate the returned object for text pieces as they are decoded
+        (`streaming`) or all at once at the end."""
         self._ensure_usable()
-        generation = Generation()
+        generation = Generation(streaming=streaming)
         generation.result.prompt_tokens = len(prompt)
         queued_at = time.perf_counter()
 
         def job() -> None:
+            error: BaseException | None = None
             try:
                 generation.result.queue_s = time.perf_counter() - queued_at
                 self._decode(prompt, params, deadline, generation)
             except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
-                generation._pieces.put(exc)
+                error = exc
             finally:
-                generation._pieces.put(_END)
+                generation.finish(error)
 
         self._submit(job)
         return generation
@@ -447,7 +475,7 @@ class Engine:
                 result.completion_tokens += 1
                 text, hit_stop = stops.feed(decoder.decode(model.piece(token)))
                 if text:
-                    out._pieces.put(text)
+                    out.emit(text)
                 if hit_stop:
                     result.finish_reason = "stop"
                     break
@@ -463,7 +491,7 @@ class Engine:
             tail, hit_stop = stops.feed(decoder.decode(b"", final=True))
             tail += "" if hit_stop else stops.flush()
             if tail:
-                out._pieces.put(tail)
+                out.emit(tail)
         if result.completion_tokens > 1:
             elapsed = time.perf_counter() - first_at
             result.decode_tokens_per_s = (

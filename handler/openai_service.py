@@ -85,7 +85,9 @@ class OpenAIService:
     def chat(self, req: ChatCompletionRequest, deadline: float | None) -> dict[str, Any]:
         """A complete chat completion."""
         prepared = self.prepare_chat(req, deadline)
-        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        generation = self.engine.generate(
+            prepared.prompt, prepared.params, deadline, streaming=False
+        )
         text = generation.text()
         result = generation.result
         self._log(req, generation)
@@ -153,7 +155,9 @@ class OpenAIService:
     def completion(self, req: CompletionRequest, deadline: float | None) -> dict[str, Any]:
         """A complete text completion."""
         prepared = self.prepare_completion(req, deadline)
-        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+        generation = self.engine.generate(
+            prepared.prompt, prepared.params, deadline, streaming=False
+        )
         text = generation.text()
         result = generation.result
         self._log(req, generation)

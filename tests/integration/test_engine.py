@@ -84,3 +84,12 @@ def test_corrupt_model_fails_with_reason_naming_the_path(tmp_path):
     with pytest.raises(ModelNotReady) as info:
         engine.require_loaded(None)
     assert info.value.status == 503 and str(bad) in info.value.message
+
+
+def test_buffered_generation_hands_over_one_piece_with_the_same_text(engine):
+    prompt = engine.tokenize("1, 2, 3, 4,")
+    params = SamplingParams(max_tokens=12, temperature=0.0)
+    streamed = list(engine.generate(prompt, params))
+    buffered = list(engine.generate(prompt, params, streaming=False))
+    assert len(streamed) > 1
+    assert buffered == ["".join(streamed)]
