@@ -171,15 +171,17 @@ $(IMAGE_MODEL): $(BAKE_MODEL)
 	mkdir -p $(@D)
 	ln -f $< $@ 2>/dev/null || cp -f $< $@
 
+# MODEL_LAYER=baked links the model into the build context; none leaves its folder empty.
 image-context: $(IMAGE_BUILD)/requirements.txt $(IMAGE_WHEEL) $(if $(filter baked,$(MODEL_LAYER)),$(IMAGE_MODEL))
 	mkdir -p $(IMAGE_BUILD)/model
+	$(if $(filter none,$(MODEL_LAYER)),rm -f $(IMAGE_BUILD)/model/*)
 
 image: image-context
 	@test -n "$(ENGINE)" || { echo "no podman or docker: see docs/image.md"; exit 1; }
 	@flags=(); if [[ "$(ENGINE)" == *podman && -x $(CONTAINER_ENV) ]]; then \
 	  mapfile -t flags < <($(CONTAINER_ENV) build-args); fi; \
 	set -x; $(ENGINE) build "$${flags[@]}" -f layers/Dockerfile -t $(IMAGE) \
-	  --build-arg BASE_IMAGE=$(BASE_IMAGE) --build-arg MODEL_LAYER=$(MODEL_LAYER) \
+	  --build-arg BASE_IMAGE=$(BASE_IMAGE) \
 	  --build-arg MODEL_ALIAS=$(if $(filter baked,$(MODEL_LAYER)),$(basename $(notdir $(BAKE_MODEL)))) \
 	  $(IMAGE_FLAGS) .
 
