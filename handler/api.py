@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import threading
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -27,7 +30,7 @@ from handler.http_common import (
     scope_deadline,
     sse_lines,
 )
-from handler.openai_service import OpenAIService
+from handler.openai_service import ChunkStream, OpenAIService
 from handler.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from handler.telemetry import Metrics
 
@@ -80,13 +83,53 @@ class _TooLarge(Exception):
     pass
 
 
+class SSEResponse(StreamingResponse):
+    """Server-sent events from a ChunkStream, closed when the response ends for any reason
+    (a client that hangs up included), so its generation stops and its slot is freed."""
+
+    def __init__(self, chunks: ChunkStream) -> None:
+        super().__init__(sse_lines(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+        self._chunks = chunks
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._chunks.close()
+
+
+async def call_service(request: Request, watch_disconnect: bool, fn: Any, *args: Any) -> Any:
+    """Run a blocking service call off the event loop with a cancel event as its last argument;
+    with `watch_disconnect`, a client that hangs up sets it, so the generation stops instead of
+    running on to max_tokens for nobody."""
+    if not watch_disconnect:
+        return await run_in_threadpool(fn, *args, None)
+    cancel = threading.Event()
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        cancel.set()
+
+    watcher = asyncio.ensure_future(watch())
+    try:
+        return await run_in_threadpool(fn, *args, cancel)
+    finally:
+        watcher.cancel()
+
+
 def create_app(
     engine: Engine,
     settings: Settings,
     metrics: Metrics | None = None,
     service: OpenAIService | None = None,
+    watch_disconnect: bool = False,
 ) -> FastAPI:
-    """Build the app around an engine that the caller owns (and loads)."""
+    """Build the app around an engine that the caller owns (and loads).
+
+    `watch_disconnect` (server mode) cancels a generation when its client hangs up; under
+    Mangum there is no connection to watch.
+    """
     service = service or OpenAIService(engine, settings, metrics)
     app = FastAPI(title="coldstart", version="0.1.0", docs_url=None, redoc_url=None)
     app.state.service = service
@@ -157,27 +200,24 @@ def create_app(
     def get_model(model_id: str) -> dict[str, Any]:
         return service.model(model_id)
 
+    async def call(request: Request, fn: Any, *args: Any) -> Any:
+        return await call_service(request, watch_disconnect, fn, *args)
+
     @app.post("/v1/chat/completions", dependencies=authed, response_model=None)
-    def chat_completions(
-        body: ChatCompletionRequest, until: float | None = Depends(deadline)
-    ) -> dict[str, Any] | StreamingResponse:
+    async def chat_completions(
+        request: Request, body: ChatCompletionRequest, until: float | None = Depends(deadline)
+    ) -> dict[str, Any] | SSEResponse:
         if body.stream:
-            chunks = service.chat_stream(body, until)
-            return StreamingResponse(
-                sse_lines(chunks), media_type="text/event-stream", headers=SSE_HEADERS
-            )
-        return service.chat(body, until)
+            return SSEResponse(await run_in_threadpool(service.chat_stream, body, until))
+        return await call(request, service.chat, body, until)  # type: ignore[no-any-return]
 
     @app.post("/v1/completions", dependencies=authed, response_model=None)
-    def completions(
-        body: CompletionRequest, until: float | None = Depends(deadline)
-    ) -> dict[str, Any] | StreamingResponse:
+    async def completions(
+        request: Request, body: CompletionRequest, until: float | None = Depends(deadline)
+    ) -> dict[str, Any] | SSEResponse:
         if body.stream:
-            chunks = service.completion_stream(body, until)
-            return StreamingResponse(
-                sse_lines(chunks), media_type="text/event-stream", headers=SSE_HEADERS
-            )
-        return service.completion(body, until)
+            return SSEResponse(await run_in_threadpool(service.completion_stream, body, until))
+        return await call(request, service.completion, body, until)  # type: ignore[no-any-return]
 
     @app.post("/v1/embeddings", dependencies=authed)
     def embeddings(

@@ -12,7 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_MODEL_PATH = "/opt/models/model.gguf"
@@ -83,10 +83,23 @@ class Settings(BaseSettings):
     max_tokens_cap: int = Field(4096, ge=1)
     deadline_margin_ms: int = Field(500, ge=0)
 
+    # Which engine generates (docs/gpu.md): `llama` runs llama.cpp in this process, one generation
+    # at a time; `llama-server` runs llama.cpp's server as a child process with PARALLEL_SLOTS
+    # slots whose decode steps are batched together (continuous batching, for GPUs).
+    inference_engine: Literal["llama", "llama-server"] = "llama"
+    llama_server_bin: str = Field("llama-server", description="Path, or a name on PATH")
+    parallel_slots: int = Field(8, ge=1, le=1024, description="llama-server slots (-np)")
+    llama_server_args: str = Field("", description="Extra llama-server flags, shell-quoted")
+
     # API
     api_key: SecretStr | None = None
     max_request_bytes: int = Field(1_048_576, ge=1024)
     max_messages: int = Field(256, ge=1)
+    context_overflow: Literal["error", "truncate"] = Field(
+        "error", description="truncate: drop the oldest non-system messages until the chat fits"
+    )
+    max_concurrency: int = Field(1, ge=1, le=1024, description="generations run at once")
+    max_queue: int = Field(8, ge=0, le=100_000, description="requests that may wait; then 429")
 
     # Server mode
     host: str = "127.0.0.1"
@@ -114,6 +127,18 @@ class Settings(BaseSettings):
     ) -> tuple[Any, ...]:
         # load_settings() does the environment lookup itself, so tests can pass a plain dict.
         return (init_settings,)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _slots_run_at_once(cls, data: Any) -> Any:
+        # With llama-server every slot generates at once: admit as many as there are slots.
+        if (
+            isinstance(data, dict)
+            and data.get("inference_engine") == "llama-server"
+            and "max_concurrency" not in data
+        ):
+            return {**data, "max_concurrency": data.get("parallel_slots", 8)}
+        return data
 
     @field_validator("model_sha256")
     @classmethod

@@ -242,12 +242,16 @@ class Engine:
             return self._state
 
     def require_loaded(self, deadline: float | None) -> None:
-        """Wait for the model until `deadline` (monotonic); raise a 503 error if it is not there."""
+        """Wait for the model until `deadline` (monotonic); raise a 503 error if it is not there.
+
+        Without a deadline (server mode) nothing waits: readiness tells a load balancer when to
+        send traffic, and a request that arrives early gets 503 with Retry-After at once.
+        """
         if self._state in LOADED_STATES:
             return
         if self._state is EngineState.COLD:
             self.start()
-        timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+        timeout = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
         state = self.wait_loaded(timeout)
         if state is EngineState.FAILED:
             raise ModelNotReady(f"model failed to load: {self._reason}", retry_after_s=60)
@@ -417,11 +421,14 @@ class Engine:
         params: SamplingParams,
         deadline: float | None = None,
         streaming: bool = True,
+        cancel: threading.Event | None = None,
     ) -> Generation:
         """Queue a generation; iterate the returned object for text pieces as they are decoded
-        (`streaming`) or all at once at the end."""
+        (`streaming`) or all at once at the end. Setting `cancel` stops it at the next token."""
         self._ensure_usable()
         generation = Generation(streaming=streaming)
+        if cancel is not None:
+            generation._cancel = cancel
         generation.result.prompt_tokens = len(prompt)
         queued_at = time.perf_counter()
 

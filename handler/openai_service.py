@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
+from threading import Event
 from typing import Any
 
+from handler.admission import Admission
 from handler.config import Settings
 from handler.engine import Engine, Generation, SamplingParams
 from handler.errors import APIError, InvalidRequest
@@ -30,6 +33,9 @@ from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.api")
 
+# Completion tokens kept free when CONTEXT_OVERFLOW=truncate and the request sets no max_tokens.
+TRUNCATION_RESERVE = 256
+
 
 @dataclass
 class Prepared:
@@ -46,6 +52,7 @@ class OpenAIService:
         self.engine = engine
         self.settings = settings
         self.metrics = metrics or Metrics()
+        self.admission = Admission(settings.max_concurrency, settings.max_queue)
         self.created = now()
 
     # ------------------------------------------------------------- models
@@ -80,15 +87,42 @@ class OpenAIService:
             for m in req.messages
         ]
         prompt, template_stops = self.engine.chat_prompt(messages)
+        if self.settings.context_overflow == "truncate":
+            prompt, template_stops = self._fit_by_dropping_old_turns(
+                messages, prompt, template_stops, req.token_limit
+            )
         return Prepared(prompt, self._params(req, len(prompt), "messages", template_stops))
 
-    def chat(self, req: ChatCompletionRequest, deadline: float | None) -> dict[str, Any]:
-        """A complete chat completion."""
-        prepared = self.prepare_chat(req, deadline)
-        generation = self.engine.generate(
-            prepared.prompt, prepared.params, deadline, streaming=False
-        )
-        text = generation.text()
+    def _fit_by_dropping_old_turns(
+        self,
+        messages: list[dict[str, Any]],
+        prompt: list[int],
+        stops: tuple[str, ...],
+        token_limit: int | None,
+    ) -> tuple[list[int], tuple[str, ...]]:
+        """Sliding window: drop the oldest non-system messages (never the last) until it fits."""
+        reserve = token_limit or min(TRUNCATION_RESERVE, self.settings.max_tokens_cap)
+        kept = list(messages)
+        while len(prompt) + reserve > self.settings.n_ctx:
+            droppable = [
+                i for i, m in enumerate(kept[:-1]) if m["role"] not in ("system", "developer")
+            ]
+            if not droppable:
+                break  # nothing left to drop: the usual context_length_exceeded follows
+            del kept[droppable[0]]
+            prompt, stops = self.engine.chat_prompt(kept)
+        return prompt, stops
+
+    def chat(
+        self, req: ChatCompletionRequest, deadline: float | None, cancel: Event | None = None
+    ) -> dict[str, Any]:
+        """A complete chat completion; setting `cancel` stops it (the client went away)."""
+        with self.admission.slot():
+            prepared = self.prepare_chat(req, deadline)
+            generation = self.engine.generate(
+                prepared.prompt, prepared.params, deadline, streaming=False, cancel=cancel
+            )
+            text = generation.text()
         result = generation.result
         self._log(req, generation)
         return {
@@ -108,13 +142,12 @@ class OpenAIService:
             "system_fingerprint": None,
         }
 
-    def chat_stream(
-        self, req: ChatCompletionRequest, deadline: float | None
-    ) -> Iterator[dict[str, Any]]:
+    def chat_stream(self, req: ChatCompletionRequest, deadline: float | None) -> ChunkStream:
         """Validate now, then return an iterator of `chat.completion.chunk` objects."""
-        prepared = self.prepare_chat(req, deadline)
-        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
-        return self._chat_chunks(req, generation)
+        with self._admitted_stream() as release:
+            prepared = self.prepare_chat(req, deadline)
+            generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+            return ChunkStream(self._chat_chunks(req, generation), release, generation.cancel)
 
     def _chat_chunks(
         self, req: ChatCompletionRequest, generation: Generation
@@ -152,13 +185,16 @@ class OpenAIService:
         prompt = self.engine.tokenize(req.prompt_text, add_bos=True)
         return Prepared(prompt, self._params(req, len(prompt), "prompt", ()))
 
-    def completion(self, req: CompletionRequest, deadline: float | None) -> dict[str, Any]:
-        """A complete text completion."""
-        prepared = self.prepare_completion(req, deadline)
-        generation = self.engine.generate(
-            prepared.prompt, prepared.params, deadline, streaming=False
-        )
-        text = generation.text()
+    def completion(
+        self, req: CompletionRequest, deadline: float | None, cancel: Event | None = None
+    ) -> dict[str, Any]:
+        """A complete text completion; setting `cancel` stops it (the client went away)."""
+        with self.admission.slot():
+            prepared = self.prepare_completion(req, deadline)
+            generation = self.engine.generate(
+                prepared.prompt, prepared.params, deadline, streaming=False, cancel=cancel
+            )
+            text = generation.text()
         result = generation.result
         self._log(req, generation)
         return {
@@ -177,13 +213,12 @@ class OpenAIService:
             "usage": usage(result.prompt_tokens, result.completion_tokens),
         }
 
-    def completion_stream(
-        self, req: CompletionRequest, deadline: float | None
-    ) -> Iterator[dict[str, Any]]:
+    def completion_stream(self, req: CompletionRequest, deadline: float | None) -> ChunkStream:
         """Validate now, then return an iterator of `text_completion` chunks."""
-        prepared = self.prepare_completion(req, deadline)
-        generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
-        return self._completion_chunks(req, generation)
+        with self._admitted_stream() as release:
+            prepared = self.prepare_completion(req, deadline)
+            generation = self.engine.generate(prepared.prompt, prepared.params, deadline)
+            return ChunkStream(self._completion_chunks(req, generation), release, generation.cancel)
 
     def _completion_chunks(
         self, req: CompletionRequest, generation: Generation
@@ -217,6 +252,10 @@ class OpenAIService:
 
     def embeddings(self, req: EmbeddingRequest, deadline: float | None) -> dict[str, Any]:
         """POST /v1/embeddings."""
+        with self.admission.slot():
+            return self._embeddings(req, deadline)
+
+    def _embeddings(self, req: EmbeddingRequest, deadline: float | None) -> dict[str, Any]:
         self.engine.require_loaded(deadline)
         texts = req.texts()
         if any(not t for t in texts):
@@ -243,6 +282,26 @@ class OpenAIService:
         }
 
     # ------------------------------------------------------------- shared
+
+    @contextmanager
+    def _admitted_stream(self) -> Iterator[Callable[[], None]]:
+        """Admit a streamed request; the slot is released when its iterator ends, or here if
+        preparing it fails."""
+        self.admission.acquire()
+        started = time.monotonic()
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            if not released:
+                released = True
+                self.admission.release(time.monotonic() - started)
+
+        try:
+            yield release
+        except BaseException:
+            release()
+            raise
 
     def _params(
         self,
@@ -291,6 +350,42 @@ class OpenAIService:
             f"{r.time_to_first_token_s:.3f}" if r.time_to_first_token_s is not None else "-",
             f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-",
         )
+
+
+class ChunkStream(Iterator[dict[str, Any]]):
+    """The chunks of a streamed response. `close()` (the client went away, or the response is
+    done) stops the generation and frees the admission slot, from any thread, even while
+    another thread is blocked waiting for the next chunk; dropping it unstarted does the same."""
+
+    def __init__(
+        self,
+        chunks: Iterator[dict[str, Any]],
+        release: Callable[[], None],
+        cancel: Callable[[], None],
+    ) -> None:
+        self._chunks = chunks
+        self._release = release
+        self._cancel = cancel
+
+    def __next__(self) -> dict[str, Any]:
+        try:
+            return next(self._chunks)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Stop generating and release the slot (idempotent)."""
+        self._cancel()
+        self._release()
+        close = getattr(self._chunks, "close", None)
+        if close is not None:
+            # ValueError: it is running in another thread, which ends on its own now.
+            with suppress(ValueError):
+                close()
+
+    def __del__(self) -> None:
+        self.close()
 
 
 def monotonic_deadline(remaining_ms: int | None, margin_ms: int) -> float | None:
