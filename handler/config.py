@@ -81,6 +81,10 @@ class Settings(BaseSettings):
     n_threads: int = Field(default_factory=available_cpus, ge=1, le=512)
     n_gpu_layers: int = Field(0, ge=-1)
     max_tokens_cap: int = Field(4096, ge=1)
+    prompt_cache_mb: int = Field(128, ge=0, description="KV states of long prompts kept; 0 = off")
+    prompt_cache_min_tokens: int = Field(256, ge=1, description="shortest prompt worth keeping")
+    response_cache_entries: int = Field(0, ge=0, description="answers kept for temperature 0")
+    response_cache_mb: int = Field(16, ge=1, description="bound on the response cache")
     deadline_margin_ms: int = Field(500, ge=0)
 
     # Which engine generates (docs/gpu.md): `llama` runs llama.cpp in this process, one generation

@@ -24,6 +24,7 @@ from handler.chat_template import ChatTemplate, TemplateError, plain_prompt
 from handler.config import Settings
 from handler.errors import ContextLengthExceeded, InvalidRequest, ModelNotReady
 from handler.model_source import Progress, ResolvedModel, resolve_model
+from handler.prompt_cache import PrefixStateCache
 
 log = logging.getLogger("coldstart.engine")
 
@@ -66,6 +67,7 @@ class EngineStatus:
     phases: Phases
     queue_depth: int
     download: tuple[int, int] | None = None
+    prompt_cache: dict[str, int] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
@@ -77,6 +79,7 @@ class EngineStatus:
             "phases_s": {k: v for k, v in vars(self.phases).items() if v is not None},
             "queue_depth": self.queue_depth,
             "lazy_mmap": lazy_mmap_active(),
+            **({"prompt_cache": self.prompt_cache} if self.prompt_cache else {}),
             **(
                 {"download": {"bytes_done": self.download[0], "bytes_total": self.download[1]}}
                 if self.download
@@ -111,6 +114,7 @@ class GenerationResult:
     queue_s: float = 0.0
     time_to_first_token_s: float | None = None
     decode_tokens_per_s: float | None = None
+    interrupted: bool = False  # stopped by a deadline or a cancel, not by the model or max_tokens
 
 
 _END = object()
@@ -270,7 +274,19 @@ class Engine:
             phases=self._phases,
             queue_depth=self._jobs.qsize(),
             download=self._download,
+            prompt_cache=self._prompt_cache_stats(),
         )
+
+    def _prompt_cache_stats(self) -> dict[str, int] | None:
+        cache = self._context.prefix_cache if self._context is not None else None
+        if cache is None:
+            return None
+        return {
+            "entries": len(cache),
+            "bytes": cache.bytes,
+            "hits": cache.hits,
+            "misses": cache.misses,
+        }
 
     @property
     def state(self) -> EngineState:
@@ -332,6 +348,10 @@ class Engine:
         self._context = llama_backend.Context(
             model, self.settings.n_ctx, self.settings.n_batch, self.settings.n_threads
         )
+        if self.settings.prompt_cache_mb > 0:
+            self._context.prefix_cache = PrefixStateCache(
+                self.settings.prompt_cache_mb << 20, self.settings.prompt_cache_min_tokens
+            )
         self._model_handle = model
         self._phases.load_s = time.perf_counter() - started
         self._chat_template = self._build_chat_template()
@@ -453,6 +473,7 @@ class Engine:
             self._set_state(EngineState.WARM)  # the first real request warms the model
         result.finish_reason = "length"
         if params.max_tokens <= 0 or _past(deadline):
+            result.interrupted = _past(deadline)
             return
         sampler = self._backend.Sampler(
             self._backend.SamplerConfig(
@@ -489,6 +510,7 @@ class Engine:
                 if result.completion_tokens >= params.max_tokens:
                     break
                 if out._cancel.is_set() or _past(deadline):
+                    result.interrupted = True
                     break
                 context.append(token)
                 token = sampler.sample(context)

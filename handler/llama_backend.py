@@ -17,6 +17,11 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from handler.prompt_cache import PrefixStateCache, common_prefix
+
+# Restoring a saved state costs a copy of it; below this many extra tokens, evaluating is cheaper.
+PREFIX_RESTORE_MIN_GAIN = 32
+
 _state: dict[str, Any] = {}  # "lib": the bindings module, "log": the live ctypes log callback
 
 
@@ -165,15 +170,22 @@ class Context:
         self.n_ctx = int(lib.llama_n_ctx(self.ptr))
         self._memory = lib.llama_get_memory(self.ptr)
         self._cached: list[int] = []  # tokens whose KV entries are in the cache
+        self.prefix_cache: PrefixStateCache | None = None
         self._one = (ctypes.c_int32 * 1)()
 
     def evaluate_prompt(self, tokens: Sequence[int]) -> int:
-        """Decode `tokens`, reusing the cached common prefix; returns the reused length."""
-        reuse = 0
-        for a, b in zip(self._cached, tokens, strict=False):
-            if a != b:
-                break
-            reuse += 1
+        """Decode `tokens`, reusing the longest evaluated prefix (live, or from the prefix
+        state cache); returns the reused length."""
+        reuse = common_prefix(self._cached, tokens)
+        cache = self.prefix_cache
+        if cache is not None:
+            key, shared = cache.best(tokens)
+            if key is not None and shared > reuse + PREFIX_RESTORE_MIN_GAIN:
+                self._restore(key, cache.get(key))
+                reuse = shared
+                cache.hits += 1
+            elif len(tokens) >= cache.min_tokens:
+                cache.misses += 1
         reuse = min(reuse, len(tokens) - 1)  # always decode at least one token for fresh logits
         self._lib.llama_memory_seq_rm(self._memory, -1, reuse, -1)
         self._cached = list(tokens[:reuse])
@@ -182,7 +194,23 @@ class Context:
             array = (ctypes.c_int32 * len(chunk))(*chunk)
             self._decode(self._lib.llama_batch_get_one(array, len(chunk)))
             self._cached.extend(chunk)
+        if cache is not None and cache.wants(tokens):
+            cache.put(tokens, self._save())
         return reuse
+
+    def _save(self) -> bytes:
+        size = self._lib.llama_state_seq_get_size(self.ptr, 0)
+        buffer = (ctypes.c_uint8 * size)()
+        written = self._lib.llama_state_seq_get_data(self.ptr, buffer, size, 0)
+        return bytes(buffer[:written])
+
+    def _restore(self, tokens: tuple[int, ...], state: bytes) -> None:
+        self._lib.llama_memory_seq_rm(self._memory, -1, 0, -1)
+        buffer = (ctypes.c_uint8 * len(state)).from_buffer_copy(state)
+        if self._lib.llama_state_seq_set_data(self.ptr, buffer, len(state), 0) == 0:
+            self._cached = []
+            raise BackendError("could not restore a cached prompt state")
+        self._cached = list(tokens)
 
     def append(self, token: int) -> None:
         """Decode one sampled token."""

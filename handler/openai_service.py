@@ -19,6 +19,7 @@ from handler.admission import Admission
 from handler.config import Settings
 from handler.engine import Engine, Generation, SamplingParams
 from handler.errors import APIError, InvalidRequest
+from handler.prompt_cache import ResponseCache
 from handler.schemas import (
     ChatCompletionRequest,
     CompletionRequest,
@@ -53,6 +54,9 @@ class OpenAIService:
         self.settings = settings
         self.metrics = metrics or Metrics()
         self.admission = Admission(settings.max_concurrency, settings.max_queue)
+        self.responses = ResponseCache(
+            settings.response_cache_entries, settings.response_cache_mb << 20
+        )
         self.created = now()
 
     # ------------------------------------------------------------- models
@@ -117,6 +121,9 @@ class OpenAIService:
         self, req: ChatCompletionRequest, deadline: float | None, cancel: Event | None = None
     ) -> dict[str, Any]:
         """A complete chat completion; setting `cancel` stops it (the client went away)."""
+        key = self._cache_key("chat", req, [m.model_dump(exclude_none=True) for m in req.messages])
+        if key is not None and (cached := self.responses.get(key)) is not None:
+            return self._from_cache(cached, "chatcmpl")
         with self.admission.slot():
             prepared = self.prepare_chat(req, deadline)
             generation = self.engine.generate(
@@ -125,7 +132,7 @@ class OpenAIService:
             text = generation.text()
         result = generation.result
         self._log(req, generation)
-        return {
+        response = {
             "id": new_id("chatcmpl"),
             "object": "chat.completion",
             "created": now(),
@@ -141,6 +148,8 @@ class OpenAIService:
             "usage": usage(result.prompt_tokens, result.completion_tokens),
             "system_fingerprint": None,
         }
+        self._remember(key, response, generation)
+        return response
 
     def chat_stream(self, req: ChatCompletionRequest, deadline: float | None) -> ChunkStream:
         """Validate now, then return an iterator of `chat.completion.chunk` objects."""
@@ -189,6 +198,9 @@ class OpenAIService:
         self, req: CompletionRequest, deadline: float | None, cancel: Event | None = None
     ) -> dict[str, Any]:
         """A complete text completion; setting `cancel` stops it (the client went away)."""
+        key = self._cache_key("completion", req, [req.prompt_text, req.echo])
+        if key is not None and (cached := self.responses.get(key)) is not None:
+            return self._from_cache(cached, "cmpl")
         with self.admission.slot():
             prepared = self.prepare_completion(req, deadline)
             generation = self.engine.generate(
@@ -197,7 +209,7 @@ class OpenAIService:
             text = generation.text()
         result = generation.result
         self._log(req, generation)
-        return {
+        response = {
             "id": new_id("cmpl"),
             "object": "text_completion",
             "created": now(),
@@ -212,6 +224,8 @@ class OpenAIService:
             ],
             "usage": usage(result.prompt_tokens, result.completion_tokens),
         }
+        self._remember(key, response, generation)
+        return response
 
     def completion_stream(self, req: CompletionRequest, deadline: float | None) -> ChunkStream:
         """Validate now, then return an iterator of `text_completion` chunks."""
@@ -282,6 +296,38 @@ class OpenAIService:
         }
 
     # ------------------------------------------------------------- shared
+
+    def _cache_key(
+        self, kind: str, req: ChatCompletionRequest | CompletionRequest, inputs: list[Any]
+    ) -> str | None:
+        """The response-cache key of a deterministic request, None when it must not be cached."""
+        if not self.responses.enabled or req.temperature != 0:
+            return None
+        return ResponseCache.key(
+            kind,
+            {
+                "model": self.settings.model_id,
+                "inputs": inputs,
+                "max_tokens": req.token_limit,
+                "stop": list(req.stop_list()),
+                "presence_penalty": req.presence_penalty or 0.0,
+                "frequency_penalty": req.frequency_penalty or 0.0,
+                "n_ctx": self.settings.n_ctx,
+                "context_overflow": self.settings.context_overflow,
+            },
+        )
+
+    def _remember(self, key: str | None, response: dict[str, Any], generation: Generation) -> None:
+        """Cache a complete answer (never one cut short by a deadline or a client leaving)."""
+        if key is None:
+            return
+        self.metrics.record("ResponseCacheHit", 0.0)
+        if not generation.result.interrupted:
+            self.responses.put(key, response)
+
+    def _from_cache(self, cached: dict[str, Any], prefix: str) -> dict[str, Any]:
+        self.metrics.record("ResponseCacheHit", 1.0)
+        return {**cached, "id": new_id(prefix), "created": now(), "cached": True}
 
     @contextmanager
     def _admitted_stream(self) -> Iterator[Callable[[], None]]:

@@ -33,6 +33,7 @@ METRICS: dict[str, tuple[str, str]] = {
     "PromptTokens": ("Count", "prompt tokens evaluated"),
     "QueueDepth": ("Count", "requests waiting for the engine"),
     "InvocationDuration": ("Seconds", "time spent in the handler for one invocation"),
+    "ResponseCacheHit": ("Count", "1 when a deterministic request was answered from the cache"),
 }
 
 
