@@ -31,7 +31,7 @@ EVENT       ?= events/function-url-chat.json
 PYTEST_ARGS ?=
 
 .PHONY: help venv model lazy-mmap run serve emulate invoke stop-emulator test lint format clean
-.PHONY: bench bench-anchors
+.PHONY: bench bench-anchors gpu-kit
 .PHONY: image-context image image-test image-sizes sam-build sam-local lint-infra
 
 help:
@@ -99,8 +99,10 @@ invoke: venv $(DEFAULT_MODEL)
 stop-emulator:
 	-pkill -f 'aws-lambda-rie-x86_64 --runtime-interface-emulator-address 127.0.0.1:$(RIE_PORT)'
 
-test: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
-	COLDSTART_TEST_MODEL=$(DEFAULT_MODEL) $(PY) -m pytest $(PYTEST_ARGS)
+# The llama-server anchor also serves INFERENCE_ENGINE=llama-server's tests (CPU build).
+test: venv $(DEFAULT_MODEL) $(LAZY_MMAP) bench-anchors
+	COLDSTART_TEST_MODEL=$(DEFAULT_MODEL) COLDSTART_LLAMA_SERVER=$(LLAMA_BIN)/llama-server \
+	  $(PY) -m pytest $(PYTEST_ARGS)
 
 lint: venv lint-infra
 	$(PY) -m ruff check handler tests bench layers
@@ -137,7 +139,32 @@ bench: venv $(DEFAULT_MODEL) $(LAZY_MMAP) bench-anchors
 	$(PY) -m bench.p2_init_vs_size --rounds 3
 	$(PY) -m bench.p3_p4_warm --rounds $(BENCH_ROUNDS)
 	$(PY) -m bench.imports --rounds $(BENCH_ROUNDS)
+	$(PY) -m bench.p10_caches --rounds $(BENCH_ROUNDS)
 	$(PY) -m bench.report
+
+# P6 on the GPU machine (docs/gpu.md): `make gpu-kit` here packs what it cannot fetch into .gpu/
+# (ignored): the sdist trimmed to what a CUDA build of llama-server and llama-bench reads, our
+# dependencies as wheels for its Python 3.12, and the synthetic-model tools of ../shared/gpu.
+# There: `bash bench/p6_gpu.sh` with .gpu carried along.
+GPU_KIT     := .gpu
+GPU_WHEELS  := fastapi starlette pydantic pydantic_core pydantic-settings python-dotenv \
+	annotated-types typing-inspection uvicorn typing_extensions opentelemetry-api
+GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
+	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
+TRIM := $(addprefix --exclude=llama_cpp_python-$(LLAMA_CPP_VERSION)/,docs examples tests) \
+	$(addprefix --exclude=llama_cpp_python-$(LLAMA_CPP_VERSION)/vendor/llama.cpp/, \
+	  'models/*.gguf' docs examples tests benches tools/server/tests tools/server/bench \
+	  tools/ui/src tools/ui/static tools/ui/tests tools/ui/package-lock.json \
+	  ggml/src/ggml-vulkan ggml/src/ggml-sycl ggml/src/ggml-opencl ggml/src/ggml-hexagon \
+	  ggml/src/ggml-cann ggml/src/ggml-webgpu) --exclude=.git --exclude='*.mp4'
+
+gpu-kit: venv $(LLAMA_SRC)/vendor/llama.cpp/CMakeLists.txt
+	mkdir -p $(GPU_KIT)/whl
+	tar czf $(GPU_KIT)/llama_src.tar.gz -C $(CACHE_DIR)/src $(TRIM) llama_cpp_python-$(LLAMA_CPP_VERSION)
+	$(PY) -m pip list --format=freeze | grep -iE "^($$(echo $(GPU_WHEELS) | tr ' ' '|'))==" \
+	  | xargs $(PY) -m pip download -q --no-deps --only-binary=:all: $(GPU_PLATFORM) -d $(GPU_KIT)/whl
+	cp ../shared/gpu/synth_gguf.py ../shared/gpu/vocab.json.gz ../shared/gpu/conc.py $(GPU_KIT)/
+	du -sh $(GPU_KIT)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache .cache layers/.build .aws-sam
