@@ -41,6 +41,21 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def emulator_command(port: int, api_port: int) -> list[str]:
+    """The real Lambda emulator running our function with awslambdaric, as in production."""
+    return [
+        str(RIE),
+        "--runtime-interface-emulator-address",
+        f"127.0.0.1:{port}",
+        "--runtime-api-address",
+        f"127.0.0.1:{api_port}",
+        sys.executable,
+        "-m",
+        "awslambdaric",
+        "handler.lambda_function.handler",
+    ]
+
+
 def evict_from_page_cache(path: Path) -> None:
     """Drop the file's clean pages from the page cache (posix_fadvise DONTNEED)."""
     fd = os.open(path, os.O_RDONLY)

@@ -28,6 +28,7 @@ from bench.common import (
     RIE,
     ROOT,
     THREADS,
+    emulator_command,
     evict_from_page_cache,
     free_port,
     http_ok,
@@ -61,17 +62,7 @@ def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     }
     if LAZY_MMAP.is_file():  # as `make emulate` and the image run it; anchors run as shipped
         env["LD_PRELOAD"] = str(LAZY_MMAP)
-    cmd = [
-        str(RIE),
-        "--runtime-interface-emulator-address",
-        f"127.0.0.1:{port}",
-        "--runtime-api-address",
-        f"127.0.0.1:{api_port}",
-        sys.executable,
-        "-m",
-        "awslambdaric",
-        "handler.lambda_function.handler",
-    ]
+    cmd = emulator_command(port, api_port)
     url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     event = function_url_event()
     log_path = OUT / "ours-stdout.log"

@@ -21,9 +21,9 @@ from bench.common import (
     CACHE,
     LAZY_MMAP,
     OUT,
-    RIE,
     ROOT,
     THREADS,
+    emulator_command,
     evict_from_page_cache,
     free_port,
     median,
@@ -46,17 +46,7 @@ def init_once(model: Path, lazy: bool) -> dict[str, Any]:
     }
     if lazy:
         env["LD_PRELOAD"] = str(LAZY_MMAP)
-    cmd = [
-        str(RIE),
-        "--runtime-interface-emulator-address",
-        f"127.0.0.1:{port}",
-        "--runtime-api-address",
-        f"127.0.0.1:{api_port}",
-        sys.executable,
-        "-m",
-        "awslambdaric",
-        "handler.lambda_function.handler",
-    ]
+    cmd = emulator_command(port, api_port)
     event = json.loads((ROOT / "events/function-url-models.json").read_text())
     url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     log_path = OUT / "p2-stdout.log"
