@@ -68,12 +68,12 @@ def serve_http(settings: object, host: str, port: int) -> int:
 
     from handler.api import create_app
     from handler.config import Settings
-    from handler.engine import Engine
+    from handler.engines import create_engine
     from handler.lambda_app import configure_logging
 
     assert isinstance(settings, Settings)
     configure_logging(settings.log_level)
-    engine = Engine(settings)
+    engine = create_engine(settings)
     engine.start()
     app = create_app(engine, settings, watch_disconnect=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)

@@ -13,6 +13,7 @@ from typing import Any
 
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine import Engine, EngineState
+from handler.engines import create_engine
 from handler.errors import APIError, InternalError, InvalidRequest
 from handler.events import DIRECT_KINDS, HTTP_KINDS, EventKind, classify
 from handler.telemetry import Metrics
@@ -179,7 +180,7 @@ def init(started: float, settings: Settings | None = None) -> LambdaApp:
     except ConfigError as exc:
         raise InitError(str(exc)) from None
     configure_logging(settings.log_level)
-    engine = Engine(settings)
+    engine = create_engine(settings)
     engine.start()  # the mmap load overlaps the web-stack imports below
     lambda_app = LambdaApp(engine, settings)
     remaining = settings.init_budget_s - (time.perf_counter() - started)

@@ -1,0 +1,197 @@
+"""llama.cpp's `llama-server` as a child process: its command line, start, health and protocol.
+
+The child listens on 127.0.0.1 only, on a port picked at start. Everything here speaks llama.cpp's
+native endpoints (/health, /props, /tokenize, /completion with `stream`), not its OpenAI ones: our
+own API stays the only OpenAI surface, and prompts travel as token ids.
+"""
+
+from __future__ import annotations
+
+import collections
+import http.client
+import json
+import logging
+import shlex
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from handler.config import Settings
+from handler.errors import ContextLengthExceeded, ModelNotReady
+
+log = logging.getLogger("coldstart.llama_server")
+
+HOST = "127.0.0.1"
+HEALTH_POLL_S = 0.05
+CALL_TIMEOUT_S = 30.0
+STOP_GRACE_S = 5.0
+
+
+class ServerError(RuntimeError):
+    """llama-server could not start, or refused or broke a request."""
+
+
+def server_command(settings: Settings, model_path: str, port: int) -> list[str]:
+    """The llama-server command line for these settings.
+
+    Each slot gets N_CTX tokens of context (the KV cache is split, not shared); N_GPU_LAYERS=-1
+    means every layer on the GPU; llama-server's own warm-up runs only with WARMUP=init.
+    """
+    layers = "all" if settings.n_gpu_layers < 0 else str(settings.n_gpu_layers)
+    command = [
+        settings.llama_server_bin,
+        "--model", model_path,
+        "--host", HOST,
+        "--port", str(port),
+        "--parallel", str(settings.parallel_slots),
+        "--ctx-size", str(settings.n_ctx * settings.parallel_slots),
+        "--no-kv-unified",
+        "--cont-batching",
+        "--n-gpu-layers", layers,
+        "--threads", str(settings.n_threads),
+        "--batch-size", str(settings.n_batch),
+        "--alias", settings.model_id,
+        "--no-webui",
+    ]  # fmt: skip
+    if settings.warmup != "init":
+        command.append("--no-warmup")
+    return command + shlex.split(settings.llama_server_args)
+
+
+class LlamaServer:
+    """One llama-server process and the calls we make to it."""
+
+    def __init__(self, settings: Settings, model_path: str) -> None:
+        self.settings = settings
+        self.model_path = model_path
+        self.port = 0
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
+
+    def start(self) -> None:
+        """Spawn the server and wait until it answers /health (the model is loaded)."""
+        binary = shutil.which(self.settings.llama_server_bin)
+        if binary is None:
+            raise ServerError(f"LLAMA_SERVER_BIN {self.settings.llama_server_bin!r} not found")
+        self.port = _free_port()
+        command = server_command(self.settings, self.model_path, self.port)
+        command[0] = binary
+        log.info("starting %s", shlex.join(command))
+        self._process = subprocess.Popen(
+            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+        )
+        threading.Thread(target=self._pump_log, name="coldstart-llama-log", daemon=True).start()
+        while not self._healthy():
+            code = self._process.poll()
+            if code is not None:
+                raise ServerError(f"llama-server exited with code {code}: {self.last_error()}")
+            time.sleep(HEALTH_POLL_S)
+
+    def wait(self) -> int:
+        """Block until the process exits; its exit code."""
+        assert self._process is not None
+        return self._process.wait()
+
+    def stop(self) -> None:
+        """SIGTERM, then SIGKILL after a grace period."""
+        process = self._process
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(STOP_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def last_error(self) -> str:
+        """The child's last line that mentions an error, else its last line."""
+        lines = list(self._log_tail)
+        errors = [line for line in lines if "error" in line.lower()]
+        return (errors or lines or ["no output"])[-1]
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
+        """A short JSON call (/props, /tokenize, a warm-up /completion)."""
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=CALL_TIMEOUT_S)
+        try:
+            payload = None if body is None else json.dumps(body)
+            conn.request(method, path, payload, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            data = response.read()
+        except OSError as exc:
+            raise ServerError(f"llama-server {path}: {exc}") from None
+        finally:
+            conn.close()
+        if response.status != 200:
+            raise server_error(response.status, data)
+        result: dict[str, Any] = json.loads(data)
+        return result
+
+    def connect(self, timeout_s: float | None) -> http.client.HTTPConnection:
+        """A connection for one streamed completion; closing it mid-stream cancels the task."""
+        return http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
+
+    def _healthy(self) -> bool:
+        conn = http.client.HTTPConnection(HOST, self.port, timeout=1.0)
+        try:
+            conn.request("GET", "/health")
+            return conn.getresponse().status == 200
+        except OSError:
+            return False  # not listening yet
+        finally:
+            conn.close()
+
+    def _pump_log(self) -> None:
+        """Keep the child's last lines (for a failure reason); pass them on at debug level."""
+        assert self._process is not None and self._process.stdout is not None
+        for raw in self._process.stdout:
+            line = raw.decode("utf-8", "replace").rstrip()
+            if line:
+                self._log_tail.append(line)
+                log.debug("llama-server: %s", line)
+
+
+def stream_completion(
+    conn: http.client.HTTPConnection, body: dict[str, Any]
+) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a streamed /completion answer, one per sampled token."""
+    conn.request(
+        "POST",
+        "/completion",
+        json.dumps({**body, "stream": True}),
+        {"Content-Type": "application/json"},
+    )
+    response = conn.getresponse()
+    if response.status != 200:
+        raise server_error(response.status, response.read())
+    for line in response:
+        if line.startswith(b"data: "):
+            chunk: dict[str, Any] = json.loads(line[6:])
+            if "error" in chunk:
+                raise server_error(500, line[6:])
+            yield chunk
+
+
+def server_error(status: int, data: bytes) -> Exception:
+    """Our error for a llama-server error answer."""
+    try:
+        error = json.loads(data).get("error", {})
+    except (ValueError, AttributeError):
+        error = {}
+    message = error.get("message") if isinstance(error, dict) else None
+    message = message or data.decode("utf-8", "replace")[:200] or f"HTTP {status}"
+    if status == 503:
+        return ModelNotReady(f"llama-server: {message}", retry_after_s=2)
+    if isinstance(error, dict) and error.get("type") == "exceed_context_size_error":
+        return ContextLengthExceeded(message, param="messages")
+    return ServerError(f"llama-server answered {status}: {message}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return int(s.getsockname()[1])

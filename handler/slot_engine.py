@@ -1,0 +1,364 @@
+"""INFERENCE_ENGINE=llama-server: llama.cpp's own server, a child process with parallel slots.
+
+Our engine (`handler.engine`) runs one generation at a time. On a GPU that leaves most of the
+card idle: a decode step for one sequence costs nearly what a step for sixty-four costs. llama.cpp's
+server batches the decode steps of all its slots (continuous batching), so this engine hands the
+generation to it while our process keeps everything else the API promises: readiness, errors,
+auth, limits, deadlines, metrics and the Lambda entry points.
+
+Prompts are rendered with the model's chat template here (the same `ChatTemplate` as the in-process
+engine), tokenized by the child's vocabulary and sent as token ids; context checks and stop
+sequences run here too, so both engines answer a request the same way. The child itself is
+`handler.llama_server`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import logging
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from handler.chat_template import ChatTemplate, TemplateError, plain_prompt
+from handler.config import Settings
+from handler.engine import (
+    LOADED_STATES,
+    WARMUP_PROMPT,
+    Engine,
+    EngineState,
+    EngineStatus,
+    Generation,
+    GenerationResult,
+    Phases,
+    SamplingParams,
+    StopMatcher,
+)
+from handler.errors import InvalidRequest, ModelNotReady
+from handler.llama_server import LlamaServer, ServerError, stream_completion
+from handler.model_source import Progress, ResolvedModel, resolve_model
+
+log = logging.getLogger("coldstart.slot_engine")
+
+# Same window as the in-process sampler's penalties (llama_backend.Sampler).
+PENALTY_LAST_N = 64
+
+
+class SlotEngine:
+    """The engine surface the service uses, served by a llama-server child process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
+    ) -> None:
+        self.settings = settings
+        self._resolver = resolver
+        self._state = EngineState.COLD
+        self._reason: str | None = None
+        self._model: ResolvedModel | None = None
+        self._phases = Phases()
+        self._download: tuple[int, int] | None = None
+        self._state_changed = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._server: LlamaServer | None = None
+        self._chat_template: ChatTemplate | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._warm_lock = threading.Lock()
+        self._closing = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    def start(self) -> None:
+        """Resolve the model and start llama-server on a background thread."""
+        if self._thread is not None:
+            return
+        self._set_state(EngineState.LOADING)
+        self._thread = threading.Thread(target=self._run, name="coldstart-slots", daemon=True)
+        self._thread.start()
+
+    def wait_loaded(self, timeout_s: float | None) -> EngineState:
+        """Block until the server is ready or failed, or until `timeout_s`; return the state."""
+        with self._state_changed:
+            self._state_changed.wait_for(
+                lambda: self._state not in (EngineState.COLD, EngineState.LOADING), timeout_s
+            )
+            return self._state
+
+    def require_loaded(self, deadline: float | None) -> None:
+        """As `Engine.require_loaded`: wait until `deadline` at most, else a 503 error."""
+        if self._state in LOADED_STATES:
+            return
+        if self._state is EngineState.COLD:
+            self.start()
+        timeout = 0.0 if deadline is None else max(0.0, deadline - time.monotonic())
+        state = self.wait_loaded(timeout)
+        if state is EngineState.FAILED:
+            raise ModelNotReady(f"model failed to load: {self._reason}", retry_after_s=60)
+        if state not in LOADED_STATES:
+            raise ModelNotReady("model is still loading", retry_after_s=2)
+
+    @property
+    def state(self) -> EngineState:
+        """The lifecycle state."""
+        return self._state
+
+    def status(self) -> EngineStatus:
+        """Current state; queue depth counts requests waiting for a free slot."""
+        model = self._model
+        return EngineStatus(
+            state=self._state,
+            reason=self._reason,
+            model_id=self.settings.model_id,
+            model_path=str(model.path) if model else None,
+            model_bytes=model.size_bytes if model else None,
+            phases=self._phases,
+            queue_depth=max(0, self._in_flight - self.settings.parallel_slots),
+            download=self._download,
+        )
+
+    def warm_up(self, deadline: float | None = None) -> EngineStatus:
+        """One tiny generation through the server (later calls return at once)."""
+        self.require_loaded(deadline)
+        with self._warm_lock:
+            if self._state is EngineState.READY:
+                started = time.perf_counter()
+                prompt = self.tokenize(WARMUP_PROMPT, add_bos=True)
+                self._require_server().call(
+                    "POST", "/completion", {"prompt": prompt, "n_predict": 1}
+                )
+                self._phases.warmup_s = time.perf_counter() - started
+                self._set_state(EngineState.WARM)
+        return self.status()
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period)."""
+        self._closing = True
+        if self._server is not None:
+            self._server.stop()
+
+    def _set_state(self, state: EngineState, reason: str | None = None) -> None:
+        with self._state_changed:
+            self._state = state
+            self._reason = reason
+            self._state_changed.notify_all()
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception as exc:  # noqa: BLE001 - any start failure becomes the `failed` state
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            log.error("llama-server did not start: %s", reason)
+            self.close()
+            self._set_state(EngineState.FAILED, reason)
+            return
+        self._set_state(EngineState.READY)
+        if self.settings.warmup == "init":
+            try:
+                self.warm_up()
+            except Exception:
+                log.exception("warm-up failed")
+        self._watch()
+
+    def _load(self) -> None:
+        started = time.perf_counter()
+        self._model = self._resolver(self.settings, self._on_download_progress)
+        self._phases.resolve_s = time.perf_counter() - started
+
+        started = time.perf_counter()
+        self._server = LlamaServer(self.settings, str(self._model.path))
+        atexit.register(self.close)
+        self._server.start()
+        self._phases.load_s = time.perf_counter() - started
+        props = self._server.call("GET", "/props")
+        slot_ctx = props.get("default_generation_settings", {}).get("n_ctx")
+        if slot_ctx is not None and int(slot_ctx) < self.settings.n_ctx:
+            raise ServerError(f"llama-server gives each slot {slot_ctx} tokens, < N_CTX")
+        if props.get("chat_template"):
+            bos, eos = props.get("bos_token") or "", props.get("eos_token") or ""
+            self._chat_template = ChatTemplate(props["chat_template"], bos, eos)
+        log.info(
+            "llama-server ready on port %d with %d slots in %.3fs",
+            self._server.port,
+            self.settings.parallel_slots,
+            self._phases.load_s,
+        )
+
+    def _watch(self) -> None:
+        """A server that dies takes the engine to `failed`: readiness then answers 503."""
+        server = self._require_server()
+        code = server.wait()
+        if not self._closing:
+            reason = f"llama-server exited with code {code}: {server.last_error()}"
+            log.error(reason)
+            self._set_state(EngineState.FAILED, reason)
+
+    def _require_server(self) -> LlamaServer:
+        if self._server is None:
+            raise ModelNotReady(f"model not loaded ({self._state.value})", retry_after_s=2)
+        return self._server
+
+    def _on_download_progress(self, done: int, total: int) -> None:
+        self._download = (done, total)
+
+    # ----------------------------------------------------------------- prompts
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
+        self._ensure_usable()
+        if self._chat_template is None:
+            return self.tokenize(plain_prompt(messages), add_bos=True), ("\nuser:",)
+        try:
+            text = self._chat_template.render(messages)
+        except TemplateError as exc:
+            raise InvalidRequest(
+                f"messages could not be rendered by the model's chat template: {exc}",
+                param="messages",
+            ) from None
+        return self.tokenize(text, add_bos=True, special=True), ()
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of `text`, by the server's vocabulary."""
+        self._ensure_usable()
+        body = {"content": text, "add_special": add_bos, "parse_special": special}
+        tokens: list[int] = self._require_server().call("POST", "/tokenize", body)["tokens"]
+        return tokens
+
+    def check_fits(self, prompt_tokens: int, max_tokens: int | None, param: str) -> int:
+        """The completion budget, or `context_length_exceeded`: the in-process engine's rule."""
+        return Engine.check_fits(self, prompt_tokens, max_tokens, param)  # type: ignore[arg-type]
+
+    def _ensure_usable(self) -> None:
+        if self._state not in LOADED_STATES:
+            raise ModelNotReady(f"model not loaded ({self._state.value})", retry_after_s=2)
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None = None,
+        streaming: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Start a generation on a free slot; iterate the result as `Engine.generate`'s."""
+        self._ensure_usable()
+        generation = Generation(streaming=streaming)
+        if cancel is not None:
+            generation._cancel = cancel
+        generation.result.prompt_tokens = len(prompt)
+        with self._in_flight_lock:
+            self._in_flight += 1
+
+        def job() -> None:
+            error: BaseException | None = None
+            try:
+                self._stream(prompt, params, deadline, generation)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
+                error = exc
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+                generation.finish(error)
+
+        threading.Thread(target=job, name="coldstart-slot-request", daemon=True).start()
+        return generation
+
+    def _stream(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+    ) -> None:
+        result = out.result
+        result.finish_reason = "length"
+        if params.max_tokens <= 0 or _past(deadline):
+            result.interrupted = _past(deadline)
+            return
+        if self._state is EngineState.READY:
+            self._set_state(EngineState.WARM)
+        timeout = None if deadline is None else max(0.05, deadline - time.monotonic())
+        conn = self._require_server().connect(timeout)
+        stops = StopMatcher(params.stop)
+        hit_stop = False
+        started = time.perf_counter()
+        first_at: float | None = None
+        try:
+            for chunk in stream_completion(conn, _completion_body(prompt, params)):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    result.time_to_first_token_s = first_at - started
+                predicted = int(chunk.get("tokens_predicted", result.completion_tokens + 1))
+                if chunk.get("stop"):
+                    # The last chunk counts the end-of-generation token; ours never does.
+                    eos = chunk.get("stop_type") == "eos"
+                    result.completion_tokens = predicted - 1 if eos else predicted
+                    result.finish_reason = "stop" if eos else "length"
+                    break
+                result.completion_tokens = predicted
+                text, hit_stop = stops.feed(chunk.get("content", ""))
+                if text:
+                    out.emit(text)
+                if hit_stop:
+                    result.finish_reason = "stop"
+                    break
+                if out._cancel.is_set() or _past(deadline):
+                    result.interrupted = True
+                    break
+        except TimeoutError:
+            if deadline is None:  # the socket times out only at the deadline
+                raise
+            result.interrupted = True
+        finally:
+            conn.close()  # mid-stream, this makes llama-server cancel the slot's task
+        tail = "" if hit_stop else stops.flush()
+        if tail:
+            out.emit(tail)
+        _set_decode_rate(result, first_at)
+
+    # ----------------------------------------------------------------- embeddings
+
+    def embed(
+        self, texts: list[str], deadline: float | None = None
+    ) -> tuple[list[list[float]], int]:
+        """Not served: llama-server computes embeddings only when started for nothing else."""
+        raise InvalidRequest(
+            "embeddings are not available with INFERENCE_ENGINE=llama-server; "
+            "use INFERENCE_ENGINE=llama for /v1/embeddings",
+            param="input",
+            code="unsupported",
+        )
+
+
+def _completion_body(prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    """A /completion request whose sampling matches `llama_backend.Sampler`'s chain."""
+    return {
+        "prompt": prompt,
+        "n_predict": params.max_tokens,
+        "cache_prompt": True,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "typical_p": 1.0,
+        "repeat_penalty": params.repeat_penalty,
+        "repeat_last_n": PENALTY_LAST_N,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "dry_multiplier": 0.0,
+        "xtc_probability": 0.0,
+        "mirostat": 0,
+        "seed": params.seed if params.seed is not None else -1,
+        "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
+    }
+
+
+def _set_decode_rate(result: GenerationResult, first_at: float | None) -> None:
+    """Tokens per second after the first, as the in-process engine reports them."""
+    if first_at is not None and result.completion_tokens > 1:
+        elapsed = time.perf_counter() - first_at
+        result.decode_tokens_per_s = (result.completion_tokens - 1) / elapsed if elapsed else None
+
+
+def _past(deadline: float | None) -> bool:
+    return deadline is not None and time.monotonic() >= deadline

@@ -1,0 +1,210 @@
+"""GIVEN INFERENCE_ENGINE=llama-server on the real model (llama.cpp's server built for the CPU from
+the same vendored source, `make bench-anchors`) WHEN requests come through our app or Lambda entry
+THEN they are answered as the in-process engine answers them, several at once."""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from handler.api import create_app
+from handler.engine import EngineState, SamplingParams
+from handler.slot_engine import SlotEngine
+from tests.conftest import FakeContext, load_event, make_settings
+
+pytestmark = pytest.mark.integration
+
+DEFAULT_SERVER = Path.home() / ".cache/coldstart/llama.cpp-build/bin/llama-server"
+MESSAGES = [
+    {"role": "system", "content": "You are a concise assistant."},
+    {"role": "user", "content": "Name the capital of France in one word."},
+]
+
+
+def server_bin() -> str:
+    path = Path(os.environ.get("COLDSTART_LLAMA_SERVER", DEFAULT_SERVER))
+    if not path.is_file():
+        pytest.fail(f"llama-server missing at {path}: run `make bench-anchors` (make test does)")
+    return str(path)
+
+
+def slot_settings(**overrides):
+    values = {
+        "INFERENCE_ENGINE": "llama-server",
+        "LLAMA_SERVER_BIN": server_bin(),
+        "PARALLEL_SLOTS": "2",
+        "N_THREADS": "2",
+        **overrides,
+    }
+    return make_settings(**values)
+
+
+def started(settings) -> SlotEngine:
+    engine = SlotEngine(settings)
+    engine.start()
+    engine.wait_loaded(60)
+    return engine
+
+
+@pytest.fixture(scope="module")
+def slots():
+    engine = started(slot_settings())
+    assert engine.state in (EngineState.READY, EngineState.WARM), engine.status().reason
+    yield engine
+    engine.close()
+
+
+@pytest.fixture(scope="module")
+def client(slots):
+    return TestClient(create_app(slots, slots.settings))
+
+
+def test_ready_with_load_phase_and_readiness(slots, client):
+    status = slots.status().as_dict()
+    assert status["phases_s"]["load_s"] > 0
+    ready = client.get("/readyz")
+    assert ready.status_code == 200
+    assert ready.json()["state"] in ("ready", "warm")
+
+
+def test_prompt_and_greedy_answer_match_the_in_process_engine(slots, engine):
+    params = SamplingParams(max_tokens=8, temperature=0.0)
+    ours, ours_stops = engine.chat_prompt(MESSAGES)
+    theirs, their_stops = slots.chat_prompt(MESSAGES)
+    assert theirs == ours and their_stops == ours_stops
+    assert slots.tokenize("Once upon a time") == engine.tokenize("Once upon a time")
+    assert slots.generate(theirs, params).text() == engine.generate(ours, params).text()
+
+
+def test_chat_completion_through_the_app(client):
+    body = {"messages": MESSAGES, "max_tokens": 16, "temperature": 0}
+    answer = client.post("/v1/chat/completions", json=body).json()
+    choice = answer["choices"][0]
+    assert "Paris" in choice["message"]["content"]
+    assert choice["finish_reason"] in ("stop", "length")
+    usage = answer["usage"]
+    assert usage["total_tokens"] == usage["prompt_tokens"] + usage["completion_tokens"]
+
+
+def test_stream_with_usage_ends_with_done(client):
+    body = {
+        "prompt": "Once upon a time",
+        "max_tokens": 5,
+        "temperature": 0,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    with client.stream("POST", "/v1/completions", json=body) as response:
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    assert '"completion_tokens":5' in lines[-2].replace(" ", "")
+    assert '"finish_reason":"length"' in lines[-3].replace(" ", "")
+
+
+def test_max_tokens_and_stop_sequences(slots):
+    prompt = slots.tokenize("1, 2, 3, 4, 5,")
+    short = slots.generate(prompt, SamplingParams(max_tokens=3, temperature=0.0))
+    assert short.text() and short.result.finish_reason == "length"
+    assert short.result.completion_tokens == 3
+    stopped = slots.generate(prompt, SamplingParams(max_tokens=40, temperature=0.0, stop=("8",)))
+    text = stopped.text()
+    assert "8" not in text and "7" in text
+    assert stopped.result.finish_reason == "stop"
+
+
+def test_a_second_request_runs_while_the_first_is_generating(slots):
+    long = slots.generate(slots.tokenize("1, 2, 3,"), SamplingParams(max_tokens=200))
+    next(iter(long))  # the first request holds a slot and is decoding
+    short = slots.generate(slots.tokenize("Hello"), SamplingParams(max_tokens=1))
+    short.text()
+    # One generation at a time would have finished all 200 tokens before this one started.
+    assert long.result.completion_tokens < 200
+    long.cancel()
+    long.text()
+    assert long.result.interrupted
+
+
+def test_deadline_ends_the_generation_with_length(slots):
+    generation = slots.generate(
+        slots.tokenize("1, 2, 3,"),
+        SamplingParams(max_tokens=1000, temperature=0.0),
+        deadline=time.monotonic() + 0.5,
+    )
+    generation.text()
+    assert generation.result.finish_reason == "length"
+    assert generation.result.interrupted
+    assert generation.result.completion_tokens < 1000
+
+
+def test_embeddings_are_refused_with_a_clear_error(client):
+    answer = client.post("/v1/embeddings", json={"input": "hello"})
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "unsupported"
+
+
+def test_context_overflow_is_a_400_before_any_generation(client):
+    body = {"prompt": "word " * 2000, "max_tokens": 16}
+    answer = client.post("/v1/completions", json=body)
+    assert answer.status_code == 400
+    assert answer.json()["error"]["code"] == "context_length_exceeded"
+
+
+def test_lambda_direct_invoke_runs_on_the_server(capsys):
+    from handler.lambda_app import init
+
+    app = init(time.perf_counter(), slot_settings())
+    try:
+        result = app(load_event("direct-chat.json"), FakeContext(remaining_ms=60_000))
+        assert result["object"] == "chat.completion"
+        assert result["usage"]["completion_tokens"] >= 1
+        assert '"ColdStart"' in capsys.readouterr().out  # the same EMF line per invoke
+    finally:
+        app.engine.close()
+
+
+def test_missing_binary_fails_with_its_name():
+    engine = started(slot_settings(LLAMA_SERVER_BIN="/nonexistent/llama-server"))
+    assert engine.state is EngineState.FAILED
+    assert "LLAMA_SERVER_BIN" in (engine.status().reason or "")
+    answer = TestClient(create_app(engine, engine.settings)).get("/readyz")
+    assert answer.status_code == 503
+
+
+def test_a_model_the_server_cannot_load_fails_with_its_exit(tmp_path):
+    # A header our own checks accept (GGUF v3, one tensor, no metadata), then nothing.
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 1, 0) + b"\0" * 64)
+    engine = started(slot_settings(MODEL_URI=str(bad)))
+    assert engine.state is EngineState.FAILED
+    assert "exited with code" in (engine.status().reason or "")
+
+
+def test_a_server_that_dies_takes_readiness_down():
+    engine = started(slot_settings())
+    assert engine.state is EngineState.READY
+    failed = threading.Event()
+
+    def wait_failed():
+        engine.wait_loaded(None)
+        while engine.state is not EngineState.FAILED:
+            time.sleep(0.01)
+        failed.set()
+
+    threading.Thread(target=wait_failed, daemon=True).start()
+    engine._server._process.kill()  # as the OOM killer would
+    assert failed.wait(10)
+    assert "exited" in (engine.status().reason or "")
+
+
+def test_close_stops_the_child():
+    engine = started(slot_settings())
+    process = engine._server._process
+    engine.close()
+    assert process.poll() is not None
+    assert engine.state is EngineState.READY  # closing on purpose is not a failure

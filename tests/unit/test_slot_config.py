@@ -1,0 +1,80 @@
+"""GIVEN INFERENCE_ENGINE and the llama-server settings WHEN settings load and the engine is picked
+THEN the command line gives each slot N_CTX tokens and admission lets every slot run."""
+
+from __future__ import annotations
+
+import pytest
+
+from handler.config import ConfigError, load_settings
+from handler.engine import Engine
+from handler.engines import create_engine
+from handler.llama_server import server_command
+from handler.slot_engine import SlotEngine
+
+
+def test_defaults_keep_the_in_process_engine():
+    settings = load_settings({})
+    assert settings.inference_engine == "llama"
+    assert settings.max_concurrency == 1
+    assert isinstance(create_engine(settings), Engine)
+
+
+def test_llama_server_admits_as_many_requests_as_it_has_slots():
+    settings = load_settings({"INFERENCE_ENGINE": "llama-server", "PARALLEL_SLOTS": "16"})
+    assert settings.max_concurrency == 16
+    assert isinstance(create_engine(settings), SlotEngine)  # built, not started
+
+
+def test_explicit_max_concurrency_wins():
+    settings = load_settings(
+        {"INFERENCE_ENGINE": "llama-server", "PARALLEL_SLOTS": "16", "MAX_CONCURRENCY": "4"}
+    )
+    assert settings.max_concurrency == 4
+
+
+@pytest.mark.parametrize(
+    ("env", "name"),
+    [
+        ({"INFERENCE_ENGINE": "vllm"}, "INFERENCE_ENGINE"),
+        ({"PARALLEL_SLOTS": "0"}, "PARALLEL_SLOTS"),
+    ],
+)
+def test_bad_values_name_the_variable(env, name):
+    with pytest.raises(ConfigError, match=name):
+        load_settings(env)
+
+
+def _flag(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_command_gives_each_slot_n_ctx_and_every_layer_to_the_gpu():
+    settings = load_settings(
+        {"N_CTX": "2048", "PARALLEL_SLOTS": "8", "N_GPU_LAYERS": "-1", "N_THREADS": "4"}
+    )
+    command = server_command(settings, "/m.gguf", 1234)
+    assert command[0] == "llama-server"
+    assert _flag(command, "--ctx-size") == str(2048 * 8)
+    assert _flag(command, "--parallel") == "8"
+    assert "--no-kv-unified" in command  # split cache: a slot can never be starved of context
+    assert _flag(command, "--n-gpu-layers") == "all"
+    assert _flag(command, "--host") == "127.0.0.1"
+    assert _flag(command, "--port") == "1234"
+    assert _flag(command, "--threads") == "4"
+    assert "--no-warmup" in command
+
+
+def test_command_warms_up_only_with_warmup_init_and_appends_extra_flags():
+    settings = load_settings(
+        {
+            "WARMUP": "init",
+            "N_GPU_LAYERS": "12",
+            "LLAMA_SERVER_BIN": "/opt/llama/bin/llama-server",
+            "LLAMA_SERVER_ARGS": "--flash-attn on --cache-type-k 'q8_0'",
+        }
+    )
+    command = server_command(settings, "/m.gguf", 1)
+    assert command[0] == "/opt/llama/bin/llama-server"
+    assert "--no-warmup" not in command
+    assert _flag(command, "--n-gpu-layers") == "12"
+    assert command[-4:] == ["--flash-attn", "on", "--cache-type-k", "q8_0"]
