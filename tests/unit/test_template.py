@@ -109,8 +109,8 @@ def test_every_allowed_value_loads(template: dict[str, Any]) -> None:
 def test_image_build_args_are_dockerfile_args(template: dict[str, Any]) -> None:
     for res in functions(template).values():
         meta = res.get("Metadata", {})
-        if res["Properties"].get("PackageType") != "Image":
-            continue
+        if res["Properties"].get("PackageType") != "Image" or "Dockerfile" not in meta:
+            continue  # the GPU function takes a pushed image (Code.ImageUri): nothing to build
         dockerfile = ROOT / meta.get("DockerContext", ".") / meta["Dockerfile"]
         declared = set(re.findall(r"^ARG (\w+)", dockerfile.read_text(), flags=re.MULTILINE))
         assert set(meta.get("DockerBuildArgs", {})) <= declared
