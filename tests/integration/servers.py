@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -54,21 +55,24 @@ def wait_until(check, timeout_s: float, proc: subprocess.Popen[bytes] | None = N
 def http_server(env: dict[str, str] | None = None, ready: bool = True) -> Iterator[str]:
     """`python -m handler serve` on a free port; yields the base URL (no /v1)."""
     port = free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "handler", "serve", "--host", "127.0.0.1", "--port", str(port)],
-        env=_env(env),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        path = "/readyz" if ready else "/healthz"
-        wait_until(lambda: httpx.get(base + path, timeout=1).status_code == 200, 60, proc)
-        yield base
-    finally:
-        _stop(proc)
+    # The log goes to a file: a pipe nobody reads fills after ~64 KB of log lines and then
+    # blocks the server mid-request.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "handler", "serve", "--host", "127.0.0.1", "--port", str(port)],
+            env=_env(env),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        base = f"http://127.0.0.1:{port}"
+        try:
+            path = "/readyz" if ready else "/healthz"
+            wait_until(lambda: httpx.get(base + path, timeout=1).status_code == 200, 60, proc)
+            yield base
+        finally:
+            _stop(proc)
 
 
 @contextmanager
