@@ -29,13 +29,10 @@ from handler.engine import (
     Engine,
     EngineState,
     EngineStatus,
-    Generation,
-    GenerationResult,
     Phases,
-    SamplingParams,
-    StopMatcher,
 )
 from handler.errors import InvalidRequest, ModelNotReady
+from handler.generation import Generation, GenerationResult, SamplingParams, StopMatcher
 from handler.llama_server import LlamaServer, ServerError, stream_completion
 from handler.model_source import Progress, ResolvedModel, resolve_model
 

@@ -3,7 +3,7 @@ THEN output stops at the first match."""
 
 from __future__ import annotations
 
-from handler.engine import StopMatcher
+from handler.generation import StopMatcher
 
 
 def run(stops, pieces):
