@@ -72,7 +72,7 @@ def llama_cpp_side() -> Any:
     )
 
     def run(n: int) -> int:
-        sampler = backend.Sampler(config)
+        sampler = backend.Sampler(config, model.n_vocab)
         context.evaluate_prompt(model.tokenize(PROMPT, add_special=True, parse_special=False))
         produced = 0
         while True:

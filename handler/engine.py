@@ -372,7 +372,8 @@ class Engine:
                 frequency_penalty=params.frequency_penalty,
                 repeat_penalty=params.repeat_penalty,
                 seed=params.seed if params.seed is not None else random.getrandbits(32),
-            )
+            ),
+            model.n_vocab,
         )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)

@@ -91,6 +91,7 @@ class Model:
             raise BackendError(f"model {path}: llama.cpp could not load it (corrupt or truncated?)")
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_embd = int(lib.llama_model_n_embd(self.ptr))
+        self.n_vocab = int(lib.llama_vocab_n_tokens(self.vocab))
         self.n_ctx_train = int(lib.llama_model_n_ctx_train(self.ptr))
         self.add_bos = bool(lib.llama_vocab_get_add_bos(self.vocab))
         self._piece_buf = ctypes.create_string_buffer(256)
@@ -255,15 +256,20 @@ class Context:
 class Sampler:
     """A native llama.cpp sampler chain (sampling in C, not Python)."""
 
-    def __init__(self, config: SamplerConfig) -> None:
+    def __init__(self, config: SamplerConfig, n_vocab: int) -> None:
         lib = bindings()
         self._lib = lib
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         add = lambda s: lib.llama_sampler_chain_add(self.ptr, s)  # noqa: E731
         if config.presence_penalty or config.frequency_penalty or config.repeat_penalty != 1.0:
             add(
+                # llama.h of llama-cpp-python 0.3.36 takes the vocabulary size first
                 lib.llama_sampler_init_penalties(
-                    64, config.repeat_penalty, config.frequency_penalty, config.presence_penalty
+                    n_vocab,
+                    64,
+                    config.repeat_penalty,
+                    config.frequency_penalty,
+                    config.presence_penalty,
                 )
             )
         if config.temperature <= 0:

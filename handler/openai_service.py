@@ -192,6 +192,8 @@ class OpenAIService:
         """Validate, tokenize and size the completion."""
         self.engine.require_loaded(deadline)
         prompt = self.engine.tokenize(req.prompt_text, add_bos=True)
+        if not prompt:  # llama.cpp cannot decode an empty batch (models that add no BOS)
+            raise InvalidRequest("prompt is empty: it must have at least one token", param="prompt")
         return Prepared(prompt, self._params(req, len(prompt), "prompt", ()))
 
     def completion(
