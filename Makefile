@@ -239,3 +239,30 @@ lint-infra: venv
 	$(VENV)/bin/cfn-lint template.yaml
 	$(SAM) validate --lint --template template.yaml
 	$(VENV)/bin/hadolint layers/Dockerfile layers/Dockerfile.cuda
+
+# ---- reliability: load and soak (docs/reliability.md) -------------------------------------------
+# The load events in events/load/ are written by `make load-events` (LOAD_EVENTS_ARGS: --count,
+# --sizes, --stream-ratio). Reports go to bench/out/; the last results live in docs/reliability.md.
+LOAD_REQUESTS          ?= 60
+LOAD_CONCURRENCY       ?= 4
+LOAD_EMULATOR_REQUESTS ?= 30
+LOAD_ARGS              ?=
+LOAD_EVENTS_ARGS       ?=
+SOAK_REQUESTS          ?= 1000
+SOAK_ARGS              ?=
+.PHONY: load load-events soak
+
+load-events: venv
+	$(PY) -m bench.load_events $(LOAD_EVENTS_ARGS)
+
+# The emulator runs one invoke at a time (a second one in flight makes the RIE panic).
+load: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
+	$(PY) -m bench.load --target server --requests $(LOAD_REQUESTS) \
+	  --concurrency $(LOAD_CONCURRENCY) --env LD_PRELOAD=$(LAZY_MMAP) \
+	  --out bench/out/load-server.json $(LOAD_ARGS) > /dev/null
+	$(PY) -m bench.load --target emulator --requests $(LOAD_EMULATOR_REQUESTS) \
+	  --env LD_PRELOAD=$(LAZY_MMAP) --out bench/out/load-emulator.json $(LOAD_ARGS) > /dev/null
+
+soak: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
+	$(PY) -m bench.soak --requests $(SOAK_REQUESTS) --env LD_PRELOAD=$(LAZY_MMAP) \
+	  --out bench/out/soak.json $(SOAK_ARGS) > /dev/null
