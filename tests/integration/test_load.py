@@ -90,3 +90,12 @@ def test_runner_counts_overload_as_an_error_kind(tmp_path):
     assert report["errors"].get("http_429:overloaded", 0) >= 1
     assert report["ok"] + sum(report["errors"].values()) == 6
     assert 0 < report["error_rate"] < 1
+
+
+def test_soak_flatness_is_measured_against_the_rss_after_warm_up():
+    from bench.soak import flatness
+
+    flat = flatness([(100, 200.0), (120, 204.0), (140, 199.0)], 200.0, 0.05)
+    assert flat["flat"] and flat["max_deviation"] == 0.02
+    growing = flatness([(100, 200.0), (500, 215.0), (900, 230.0)], 200.0, 0.05)
+    assert not growing["flat"] and growing["slope_mb_per_100_requests"] > 0
