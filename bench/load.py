@@ -213,8 +213,16 @@ def started_server(env: dict[str, str]) -> Iterator[tuple[str, int]]:
 
 
 @contextmanager
-def started_emulator(env: dict[str, str], stream_mode: bool) -> Iterator[tuple[str, int]]:
-    """The real RIE running our function; yields (invocations URL, pid of the RIE)."""
+def started_emulator(
+    env: dict[str, str], stream_mode: bool, timeout_s: float
+) -> Iterator[tuple[str, int]]:
+    """The real RIE running our function; yields (invocations URL, pid of the RIE).
+
+    The function timeout is half the client's: the function then answers (cut short at its
+    deadline) before the client gives up, and never gets a second invoke while one is running,
+    which makes the RIE panic.
+    """
+    env = {"AWS_LAMBDA_FUNCTION_TIMEOUT": str(max(1, int(timeout_s / 2))), **env}
     port, api_port = free_port(), free_port()
     if stream_mode:
         runtime = [sys.executable, "-m", "handler", "lambda"]
@@ -484,7 +492,7 @@ def _target(
     if args.url:
         yield EmulatorTarget(args.url, args.timeout_s), None
         return
-    with started_emulator(env, args.stream_mode) as (url, pid):
+    with started_emulator(env, args.stream_mode, args.timeout_s) as (url, pid):
         yield EmulatorTarget(url, args.timeout_s), pid
 
 
