@@ -176,6 +176,17 @@ def stream_completion(
             yield chunk
 
 
+def complete(conn: http.client.HTTPConnection, body: dict[str, Any]) -> dict[str, Any]:
+    """One non-streamed /completion answer."""
+    conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+    response = conn.getresponse()
+    data = response.read()
+    if response.status != 200:
+        raise server_error(response.status, data)
+    answer: dict[str, Any] = json.loads(data)
+    return answer
+
+
 def server_error(status: int, data: bytes) -> Exception:
     """Our error for a llama-server error answer."""
     try:

@@ -208,3 +208,41 @@ def test_close_stops_the_child():
     engine.close()
     assert process.poll() is not None
     assert engine.state is EngineState.READY  # closing on purpose is not a failure
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=3, temperature=0.0),
+        SamplingParams(max_tokens=40, temperature=0.0, stop=("8",)),
+        SamplingParams(max_tokens=12, temperature=0.0),
+    ],
+)
+def test_buffered_requests_match_streamed_ones(slots, params):
+    prompt = slots.tokenize("1, 2, 3, 4, 5,")
+    streamed = slots.generate(prompt, params)
+    text = streamed.text()
+    buffered = slots.generate(prompt, params, streaming=False)
+    assert buffered.text() == text
+    assert buffered.result.finish_reason == streamed.result.finish_reason
+    assert buffered.result.completion_tokens == streamed.result.completion_tokens
+    assert not buffered.result.interrupted
+
+
+def test_buffered_request_stops_at_the_deadline_and_on_cancel(slots):
+    prompt = slots.tokenize("1, 2, 3,")
+    timed = slots.generate(
+        prompt,
+        SamplingParams(max_tokens=1000, temperature=0.0),
+        deadline=time.monotonic() + 0.5,
+        streaming=False,
+    )
+    timed.text()
+    assert timed.result.interrupted and timed.result.finish_reason == "length"
+    assert timed.result.completion_tokens < 1000
+    cancelled = slots.generate(
+        prompt, SamplingParams(max_tokens=1000, temperature=0.0), streaming=False
+    )
+    cancelled.cancel()
+    cancelled.text()
+    assert cancelled.result.interrupted
