@@ -283,6 +283,23 @@ def tree_rss_mb(pid: int) -> float:
     return total_kb / 1024
 
 
+def cpu_stall_us() -> int | None:
+    """Microseconds some task waited for a CPU, machine-wide (PSI); None without PSI."""
+    try:
+        first = Path("/proc/pressure/cpu").read_text().splitlines()[0]
+    except (OSError, IndexError):
+        return None
+    return int(first.rsplit("total=", 1)[1])
+
+
+def cpu_pressure(stall_before: int | None, wall_s: float) -> float | None:
+    """Share of `wall_s` in which some task was waiting for a CPU (a busy machine skews times)."""
+    stall_after = cpu_stall_us()
+    if stall_before is None or stall_after is None or not wall_s:
+        return None
+    return round((stall_after - stall_before) / (wall_s * 1e6), 3)
+
+
 # ------------------------------------------------------------------ running and reporting
 
 
@@ -409,6 +426,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         lines.insert(2, f"  TTFT p50/p95/p99: {ttft['p50']}/{ttft['p95']}/{ttft['p99']} s")
     if result["rss_mb"]:
         lines.append(f"  target RSS MB: {result['rss_mb']}")
+    if result.get("cpu_pressure") is not None:
+        lines.append(f"  CPU pressure (time a task waited for a CPU): {result['cpu_pressure']}")
     return lines
 
 
@@ -456,12 +475,15 @@ def main(argv: list[str] | None = None) -> int:
         if warmup:
             run(target, events, warmup, 1, max_duration_s=args.max_duration_s)
         rss_start = tree_rss_mb(pid) if pid else None
+        stall = cpu_stall_us()
         outcomes, wall_s = run(
             target, events, args.requests, args.concurrency, max_duration_s=args.max_duration_s
         )
+        pressure = cpu_pressure(stall, wall_s)
         rss = {"start": round(rss_start, 1), "end": round(tree_rss_mb(pid), 1)} if pid else None
 
     extra = {
+        "cpu_pressure": pressure,
         "warmup": warmup,
         "stream_mode": args.stream_mode if args.target == "emulator" else None,
         "env": env,

@@ -23,6 +23,8 @@ from bench.load import (
     LoadEvent,
     Outcome,
     ServerTarget,
+    cpu_pressure,
+    cpu_stall_us,
     parse_env,
     report,
     run,
@@ -101,6 +103,7 @@ def main(argv: list[str] | None = None) -> int:
         warm, warm_s = run(target, events, args.warmup, args.concurrency, max_duration_s=unbounded)
         sampler = RSSSampler(pid, args.sample_every, offset=args.warmup)
         sampler.sample()
+        stall = cpu_stall_us()
         began = time.perf_counter()
         outcomes, wall_s = run(
             target,
@@ -113,10 +116,12 @@ def main(argv: list[str] | None = None) -> int:
         if sampler.samples[-1][0] != args.requests:
             sampler.sample()
         soak_s = time.perf_counter() - began
+        pressure = cpu_pressure(stall, soak_s)
 
     baseline = sampler.samples[0][1]
     memory = flatness(sampler.samples, baseline, args.tolerance)
     extra = {
+        "cpu_pressure": pressure,
         "warmup": args.warmup,
         "warmup_errors": sum(o.kind != "ok" for o in warm),
         "warmup_s": round(warm_s, 1),
