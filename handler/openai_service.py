@@ -17,8 +17,9 @@ from typing import Any
 
 from handler.admission import Admission
 from handler.config import Settings
-from handler.engine import Engine, Generation, SamplingParams
+from handler.engine import Engine
 from handler.errors import APIError, InvalidRequest
+from handler.generation import Generation, SamplingParams
 from handler.prompt_cache import ResponseCache
 from handler.schemas import (
     ChatCompletionRequest,
