@@ -1,6 +1,6 @@
 """GIVEN requests generated from the app's own OpenAPI schema (schemathesis, valid and invalid)
-WHEN they reach the HTTP server, the Lambda handler's HTTP lanes and its direct invoke
-THEN no answer is a 5xx and every rejection is an OpenAI error object.
+WHEN they reach the HTTP server (on both engines), the Lambda handler's HTTP lanes, the real
+emulator and direct invokes THEN no answer is a 5xx and every rejection is an OpenAI error object.
 
 Generated bodies are shrunk before they are sent (max_tokens <= 8, short prompts, few messages),
 so the fuzzing exercises validation and shapes rather than decode time.
@@ -11,6 +11,8 @@ from __future__ import annotations
 import base64
 import copy
 import json
+import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
@@ -148,9 +150,24 @@ def request_parts(case: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------ server mode
 
 
-@pytest.fixture(scope="module")
-def server():
-    with http_server(ENV) as base, httpx.Client(base_url=base, timeout=60) as client:
+def llama_server_env() -> dict[str, str]:
+    """INFERENCE_ENGINE=llama-server with the binary `make bench-anchors` builds."""
+    default = Path.home() / ".cache/coldstart/llama.cpp-build/bin/llama-server"
+    path = Path(os.environ.get("COLDSTART_LLAMA_SERVER", default))
+    if not path.is_file():
+        pytest.fail(f"llama-server missing at {path}: run `make bench-anchors` (make test does)")
+    return {
+        "INFERENCE_ENGINE": "llama-server",
+        "LLAMA_SERVER_BIN": str(path),
+        "PARALLEL_SLOTS": "2",
+    }
+
+
+@pytest.fixture(scope="module", params=["llama", "llama-server"])
+def server(request):
+    """The HTTP server on each inference engine."""
+    env = {**ENV, **(llama_server_env() if request.param == "llama-server" else {})}
+    with http_server(env) as base, httpx.Client(base_url=base, timeout=60) as client:
         yield client
 
 
