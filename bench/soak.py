@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 import threading
-import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +26,7 @@ from bench.load import (
     cpu_pressure,
     cpu_stall_us,
     parse_env,
+    percentiles,
     report,
     run,
     started_server,
@@ -104,7 +105,6 @@ def main(argv: list[str] | None = None) -> int:
         sampler = RSSSampler(pid, args.sample_every, offset=args.warmup)
         sampler.sample()
         stall = cpu_stall_us()
-        began = time.perf_counter()
         outcomes, wall_s = run(
             target,
             events,
@@ -115,32 +115,34 @@ def main(argv: list[str] | None = None) -> int:
         )
         if sampler.samples[-1][0] != args.requests:
             sampler.sample()
-        soak_s = time.perf_counter() - began
-        pressure = cpu_pressure(stall, soak_s)
+        pressure = cpu_pressure(stall, wall_s)
 
     baseline = sampler.samples[0][1]
     memory = flatness(sampler.samples, baseline, args.tolerance)
+    warm_errors = Counter(o.kind for o in warm if o.kind != "ok")
     extra = {
         "cpu_pressure": pressure,
-        "warmup": args.warmup,
-        "warmup_errors": sum(o.kind != "ok" for o in warm),
-        "warmup_s": round(warm_s, 1),
+        "requests_sent": len(warm) + len(outcomes),
+        # The warm-up apart: its first requests pay for page faults and cache fills.
+        "warmup": {
+            "requests": len(warm),
+            "duration_s": round(warm_s, 1),
+            "errors": dict(sorted(warm_errors.items())),
+            "latency_s": percentiles([o.latency_s for o in warm if o.kind == "ok"]),
+        },
         "memory": {"start_mb": started_rss, **memory, "samples": sampler.samples},
         "env": env,
         "events": [e.name for e in events],
         "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]),
     }
-    all_outcomes = warm + outcomes
-    result = report(
-        target, all_outcomes, warm_s + wall_s, concurrency=args.concurrency, rss=None, extra=extra
-    )
-    result["soak_s"] = round(soak_s, 1)
+    # QPS, latency and errors of the requests after the warm-up, while RSS was sampled.
+    result = report(target, outcomes, wall_s, concurrency=args.concurrency, rss=None, extra=extra)
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(text + "\n")
     print(text)
-    lines = summary_lines(result)
+    lines = ["after the warm-up:", *summary_lines(result)]
     lines.append(
         f"  RSS after warm-up {baseline} MB; min/max/final {memory['min_mb']}/"
         f"{memory['max_mb']}/{memory['final_mb']} MB; max deviation "
@@ -150,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
     failed = []
     if not memory["flat"]:
         failed.append("RSS is not flat")
-    if result["errors"]:
-        failed.append(f"{sum(result['errors'].values())} requests failed")
+    failures = sum(result["errors"].values()) + sum(warm_errors.values())
+    if failures:
+        failed.append(f"{failures} requests failed")
     lines.append("  FAILED: " + "; ".join(failed) if failed else "  OK")
     print("\n".join(lines), file=sys.stderr)
     return 1 if failed else 0
