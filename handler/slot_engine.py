@@ -270,16 +270,22 @@ class SlotEngine:
         threading.Thread(target=job, name="coldstart-slot-request", daemon=True).start()
         return generation
 
+    def _begin(self, params: SamplingParams, deadline: float | None, out: Generation) -> bool:
+        """Common start of both request kinds: False when there is nothing to generate."""
+        out.result.finish_reason = "length"
+        if params.max_tokens <= 0 or _past(deadline):
+            out.result.interrupted = _past(deadline)
+            return False
+        if self._state is EngineState.READY:
+            self._set_state(EngineState.WARM)  # the first real request warms the model
+        return True
+
     def _stream(
         self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
     ) -> None:
         result = out.result
-        result.finish_reason = "length"
-        if params.max_tokens <= 0 or _past(deadline):
-            result.interrupted = _past(deadline)
+        if not self._begin(params, deadline, out):
             return
-        if self._state is EngineState.READY:
-            self._set_state(EngineState.WARM)
         timeout = None if deadline is None else max(0.05, deadline - time.monotonic())
         conn = self._require_server().connect(timeout)
         stops = StopMatcher(params.stop)
@@ -326,12 +332,8 @@ class SlotEngine:
         strings and the time limit, and this process parses one JSON answer instead of one per
         token (at 64 streams, per-token parsing here capped the aggregate at a quarter)."""
         result = out.result
-        result.finish_reason = "length"
-        if params.max_tokens <= 0 or _past(deadline):
-            result.interrupted = _past(deadline)
+        if not self._begin(params, deadline, out):
             return
-        if self._state is EngineState.READY:
-            self._set_state(EngineState.WARM)
         body = {**_completion_body(prompt, params), "stream": False, "stop": list(params.stop)}
         if deadline is not None:
             body["t_max_predict_ms"] = max(1, int((deadline - time.monotonic()) * 1000))
