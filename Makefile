@@ -266,3 +266,14 @@ load: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
 soak: venv $(DEFAULT_MODEL) $(LAZY_MMAP)
 	$(PY) -m bench.soak --requests $(SOAK_REQUESTS) --env LD_PRELOAD=$(LAZY_MMAP) \
 	  --out bench/out/soak.json $(SOAK_ARGS) > /dev/null
+
+# ---- cold storage simulator (bench/cold_storage.py, docs/cold-start.md) -------------------------
+# nbdkit (rate and delay filters), nbdfuse and fusermount3 for the throttled network block device
+# that bench/cold_start_storage.py and tests/integration/test_cold_storage.py read the model through;
+# fincore (util-linux-extra) to see what of it is in the page cache.
+COLD_STORAGE_DEBS := nbdkit libnbd-bin fuse3 util-linux-extra
+.PHONY: cold-storage-deps
+
+cold-storage-deps:
+	@dpkg -s $(COLD_STORAGE_DEBS) > /dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(COLD_STORAGE_DEBS); }

@@ -28,13 +28,18 @@ SHAPES = {
     4: (2048, 30, 32, 8, 8192),
     8: (2048, 62, 32, 8, 8192),
 }
+# Sizes of the cold-storage bench only (bench/cold_start_storage.py); P2 runs SHAPES.
+COLD_STORAGE_SHAPES = {
+    0.7: (1024, 16, 16, 4, 4096),
+    2: (2048, 13, 32, 8, 8192),
+}
 
 
 def write_model(out: Path, size_gb: float) -> Path:
     """Write the synthetic model unless a file of that name already exists."""
     if out.exists():
         return out
-    n_embd, n_layer, n_head, n_kv, n_ff = SHAPES[size_gb]
+    n_embd, n_layer, n_head, n_kv, n_ff = {**SHAPES, **COLD_STORAGE_SHAPES}[size_gb]
     meta = json.loads(gzip.decompress(VOCAB.read_bytes()))
     tokens = meta["tokenizer.ggml.tokens"][1]
     writer = gguf.GGUFWriter(str(out) + ".partial", "llama")
