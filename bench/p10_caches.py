@@ -29,11 +29,13 @@ def main() -> None:
         }
     )
     from handler.config import load_settings
-    from handler.engine import Engine, SamplingParams
-    from handler.openai_service import OpenAIService
-    from handler.schemas import ChatCompletionRequest
+    from handler.engine.generation import SamplingParams
+    from handler.engine.in_process.engine import InProcessEngine
+    from handler.service.openai_service import OpenAIService
+    from handler.service.schemas import ChatCompletionRequest
+    from handler.service.shapes import CHAT
 
-    engine = Engine(load_settings())
+    engine = InProcessEngine(load_settings())
     engine.start()
     engine.wait_loaded(60)
     engine.warm_up()
@@ -69,10 +71,10 @@ def main() -> None:
         }
         request = ChatCompletionRequest.model_validate(body)
         started = time.perf_counter()
-        service.chat(request, None)
+        service.complete(CHAT, request, None)
         uncached.append(time.perf_counter() - started)
         started = time.perf_counter()
-        assert service.chat(request, None).get("cached")
+        assert service.complete(CHAT, request, None).get("cached")
         cached.append(time.perf_counter() - started)
     summary = {
         "system_prompt_tokens": prompt_tokens,
@@ -82,7 +84,7 @@ def main() -> None:
         "answer_uncached_s": median(uncached),
         "answer_cached_s": median(cached),
         "answer_ratio": median(cached) / median(uncached),
-        "prompt_cache": engine.status().prompt_cache,
+        "prompt_cache": engine.status().extra.get("prompt_cache"),
     }
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "p10.json").write_text(json.dumps(summary, indent=1))

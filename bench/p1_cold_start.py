@@ -11,27 +11,28 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 import urllib.error
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
     CHAT,
     LAZY_MMAP,
-    LLAMA_CPP_BIN,
     MODEL,
     N_CTX,
     OUT,
     RIE,
     ROOT,
     THREADS,
-    emulator_command,
+    emf_records,
+    emulated_function,
     evict_from_page_cache,
     free_port,
     http_ok,
+    llama_cpp_server_command,
+    llama_server_command,
     load_into_page_cache,
     median,
     poll,
@@ -50,9 +51,9 @@ def function_url_event() -> dict[str, Any]:
     return event
 
 
-def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
-    """Spawn the emulator + our runtime, invoke the function URL event as soon as it listens."""
-    port, api_port = free_port(), free_port()
+def run_ours(extra_env: dict[str, str] | None = None, tree: Path = ROOT) -> dict[str, Any]:
+    """Spawn the emulator + our runtime (from source `tree`), invoke the function URL event as
+    soon as it listens."""
     env = {
         "MODEL_URI": str(MODEL),
         "N_CTX": str(N_CTX),
@@ -62,39 +63,16 @@ def run_ours(extra_env: dict[str, str] | None = None) -> dict[str, Any]:
     }
     if LAZY_MMAP.is_file():  # as `make emulate` and the image run it; anchors run as shipped
         env["LD_PRELOAD"] = str(LAZY_MMAP)
-    cmd = emulator_command(port, api_port)
-    url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     event = function_url_event()
     log_path = OUT / "ours-stdout.log"
-    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **env}
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd,
-            env=full_env,
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            result: dict[str, Any] = {}
-
-            def invoke() -> bool:
-                result.update(post_json(url, event))
-                return True
-
-            poll(invoke, 60)
-            elapsed = time.perf_counter() - started
-            rss = tree_peak_rss_mb(proc.pid)
-        finally:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+    with log_path.open("wb") as log, emulated_function(env, log, tree) as (url, proc):
+        result = poll(lambda: post_json(url, event), 60)
+        elapsed = time.perf_counter() - started
+        rss = tree_peak_rss_mb(proc.pid)
     body = json.loads(result["body"])
     assert body["usage"]["completion_tokens"] == 16, body
-    emf = [
-        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith('{"_aws"')
-    ]
+    emf = emf_records(log_path)
     return {"total_s": elapsed, "rss_mb": rss, "emf": emf[0] if emf else {}}
 
 
@@ -103,40 +81,9 @@ def run_anchor(side: str) -> dict[str, Any]:
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     if side == "llama_cpp.server":
-        cmd = [
-            sys.executable,
-            "-m",
-            "llama_cpp.server",
-            "--model",
-            str(MODEL),
-            "--n_ctx",
-            str(N_CTX),
-            "--n_threads",
-            str(THREADS),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ]
-        ready_url = base + "/v1/models"
+        cmd, ready_url = llama_cpp_server_command(port), base + "/v1/models"
     else:
-        server = require(LLAMA_CPP_BIN / "llama-server", "run `make bench-anchors`")
-        cmd = [
-            str(server),
-            "-m",
-            str(MODEL),
-            "-c",
-            str(N_CTX),
-            "-t",
-            str(THREADS),
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "-np",
-            "1",
-        ]
-        ready_url = base + "/health"
+        cmd, ready_url = llama_server_command(port), base + "/health"
     started = time.perf_counter()
     with spawn(cmd) as proc:
         poll(lambda: http_ok(ready_url), 60)
@@ -152,8 +99,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--sides", default=",".join(SIDES))
+    parser.add_argument(
+        "--baseline",
+        type=Path,
+        help="another checkout of this repository (e.g. `git worktree add /tmp/base main~1`): "
+        "adds the side coldstart@baseline, run from that tree in the same rounds",
+    )
     args = parser.parse_args()
-    sides = args.sides.split(",")
+    sides = args.sides.split(",") + (["coldstart@baseline"] if args.baseline else [])
     OUT.mkdir(parents=True, exist_ok=True)
     require(RIE, "install the dev extras (aws-sam-cli)")
     runs: list[dict[str, Any]] = []
@@ -165,7 +118,12 @@ def main() -> None:
                 else:
                     evict_from_page_cache(MODEL)
                 try:
-                    result = run_ours() if side == "coldstart" else run_anchor(side)
+                    if side == "coldstart":
+                        result = run_ours()
+                    elif side == "coldstart@baseline":
+                        result = run_ours(tree=args.baseline)
+                    else:
+                        result = run_anchor(side)
                 except (urllib.error.URLError, TimeoutError, AssertionError) as exc:
                     print(f"{side} {cache}: failed: {exc}", file=sys.stderr)
                     continue

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -23,9 +21,9 @@ from bench.common import (
     OUT,
     ROOT,
     THREADS,
-    emulator_command,
+    emf_records,
+    emulated_function,
     evict_from_page_cache,
-    free_port,
     median,
     poll,
     post_json,
@@ -36,34 +34,16 @@ from bench.synth_model import SHAPES, write_model
 def init_once(model: Path, lazy: bool) -> dict[str, Any]:
     """Spawn the function, send the models event (no generation), read its EMF line."""
     evict_from_page_cache(model)
-    port, api_port = free_port(), free_port()
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
-        "MODEL_URI": str(model),
-        "N_CTX": "2048",
-        "N_THREADS": str(THREADS),
-    }
+    env = {"MODEL_URI": str(model), "N_CTX": "2048", "N_THREADS": str(THREADS)}
     if lazy:
         env["LD_PRELOAD"] = str(LAZY_MMAP)
-    cmd = emulator_command(port, api_port)
     event = json.loads((ROOT / "events/function-url-models.json").read_text())
-    url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     log_path = OUT / "p2-stdout.log"
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, start_new_session=True, stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            poll(lambda: bool(post_json(url, event, timeout=60)), 60)
-            elapsed = time.perf_counter() - started
-        finally:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
-    emf = next(
-        json.loads(line) for line in log_path.read_text().splitlines() if line.startswith('{"_aws"')
-    )
+    with log_path.open("wb") as log, emulated_function(env, log) as (url, _):
+        poll(lambda: post_json(url, event, timeout=60), 60)
+        elapsed = time.perf_counter() - started
+    emf = emf_records(log_path)[0]
     return {
         "init_s": emf["InitDuration"],
         "load_s": emf.get("LoadDuration"),

@@ -25,10 +25,12 @@ from bench.common import (
     THREADS,
     free_port,
     http_ok,
+    llama_cpp_server_command,
     median,
     poll,
     post_json,
     require,
+    serve_command,
     spawn,
 )
 from bench.worker import PROMPT
@@ -125,24 +127,8 @@ def main() -> None:
     }
     p4: dict[str, list[float]] = {"handler-direct": [], "handler-url": [], "direct": []}
     ours_port, theirs_port = free_port(), free_port()
-    ours_cmd = [sys.executable, "-m", "handler", "serve", "--port", str(ours_port)]
-    theirs_cmd = [
-        sys.executable,
-        "-m",
-        "llama_cpp.server",
-        "--model",
-        str(MODEL),
-        "--n_ctx",
-        str(N_CTX),
-        "--n_threads",
-        str(THREADS),
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(theirs_port),
-    ]
     env = {"MODEL_URI": str(MODEL), "N_CTX": str(N_CTX), "N_THREADS": str(THREADS)}
-    with spawn(ours_cmd, env) as _, spawn(theirs_cmd) as _:
+    with spawn(serve_command(ours_port), env), spawn(llama_cpp_server_command(theirs_port)):
         ours = f"http://127.0.0.1:{ours_port}"
         theirs = f"http://127.0.0.1:{theirs_port}"
         poll(lambda: http_ok(ours + "/readyz"), 60)

@@ -31,7 +31,7 @@ import boto3
 from bench.common import OUT, ROOT, fmt, free_port, http_ok, median, poll, spawn
 from handler.config import load_settings
 from handler.model_source import sha256_file
-from handler.s3_fetch import fetch_s3_model
+from handler.model_source.s3_download import fetch_s3_model
 
 BUCKET = "bench-models"
 KEY = "p5/model.gguf"

@@ -22,20 +22,16 @@ import json
 import os
 import re
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from bench.common import ROOT, evict_from_page_cache, free_port, poll
+from bench.common import ROOT, evict_from_page_cache, free_port, http_ok, poll, serve_command, spawn
 from handler.config import load_settings
-from handler.llama_server import server_command
+from handler.engine.llama_server.process import server_command
 
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 40
 SHORT_PROMPT = "Once upon a time"
@@ -125,34 +121,6 @@ def gpu_memory_mib() -> float | None:
     return float(out[0]) if out else None
 
 
-@contextmanager
-def started(cmd: list[str], env: dict[str, str], log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    """A process group writing to `log`, killed afterwards (our server's llama-server too)."""
-    with log.open("wb") as sink:
-        proc = subprocess.Popen(
-            cmd, env=env, cwd=ROOT, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT
-        )
-        try:
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    proc.wait(10)
-
-
-def ready(port: int, path: str) -> bool:
-    """GET path answers 200."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=2) as response:
-            return bool(response.status == 200)
-    except OSError:
-        return False
-
-
 def measure(
     name: str, cmd: list[str], env: dict[str, str], port: int, *, ready_path: str,
     args: argparse.Namespace,
@@ -161,9 +129,11 @@ def measure(
     evict_from_page_cache(args.model)
     log = args.out / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log"
     row: dict[str, Any] = {"name": name, "command": " ".join(cmd)}
-    with started(cmd, env, log) as proc:
+    ready_url = f"http://127.0.0.1:{port}{ready_path}"
+    # SIGTERM first: our server then stops its own llama-server.
+    with log.open("wb") as sink, spawn(cmd, env, log=sink, grace_s=10) as proc:
         t0 = time.perf_counter()
-        poll(lambda: ready(port, ready_path) or proc.poll() is not None, 300, 0.01)
+        poll(lambda: http_ok(ready_url) or proc.poll() is not None, 300, 0.01)
         if proc.poll() is not None:
             raise RuntimeError(f"{name} exited: see {log}")
         row["load_s"] = time.perf_counter() - t0
@@ -229,7 +199,6 @@ def main() -> None:
         "LOG_LEVEL": "info",
         "PYTHONUNBUFFERED": "1",
     }
-    ours = [sys.executable, "-m", "handler", "serve", "--port"]
     if "anchor" in args.only:
         port = free_port()
         settings = load_settings({**env, "INFERENCE_ENGINE": "llama-server"})
@@ -241,7 +210,7 @@ def main() -> None:
         slots_env = {**env, "INFERENCE_ENGINE": "llama-server"}
         name = "ours INFERENCE_ENGINE=llama-server"
         results["slots"] = measure(
-            name, [*ours, str(port)], slots_env, port, ready_path="/readyz", args=args
+            name, serve_command(port), slots_env, port, ready_path="/readyz", args=args
         )
         save()
     if "llama" in args.only:
@@ -249,7 +218,7 @@ def main() -> None:
         llama_env = {**env, "INFERENCE_ENGINE": "llama", "MAX_CONCURRENCY": "1"}
         name = "ours INFERENCE_ENGINE=llama"
         results["llama"] = measure(
-            name, [*ours, str(port)], llama_env, port, ready_path="/readyz", args=args
+            name, serve_command(port), llama_env, port, ready_path="/readyz", args=args
         )
         save()
     print(report(results))

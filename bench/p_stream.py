@@ -1,14 +1,14 @@
 """P-stream: our Runtime API loop's response streaming and concurrency, on the real model.
 
 A. Time to first byte, streaming vs buffered, 128 tokens (same run, interleaved, median of N):
-   - engine: `Engine.generate()` called directly -> its first text piece (and the engine's own
-     prompt-eval-to-first-token figure);
+   - engine: `InProcessEngine.generate()` called directly -> its first text piece (and the
+     engine's own prompt-eval-to-first-token figure);
    - stream: INVOKE_MODE=RESPONSE_STREAM, function URL event with stream=true -> first byte (the
      HTTP prelude), first SSE chunk with a token, last byte;
    - buffered: INVOKE_MODE=BUFFERED (LambdaApp + Mangum, as under awslambdaric), stream=false ->
      the whole response.
    Times are taken at a Runtime API server implementing the documented protocol
-   (tests/integration/runtime_api.py), from the moment it hands out the event to the arrival of
+   (bench/runtime_api_server.py), from the moment it hands out the event to the arrival of
    each chunk. Every request starts with a fresh nonce so no run reuses another's prompt cache.
 B. Peak RSS of `python -m handler runtime` with AWS_LAMBDA_MAX_CONCURRENCY=4 (four invocations in
    flight at once) vs 1, same requests; process-per-request would hold four such processes.
@@ -28,7 +28,7 @@ import uuid
 from typing import Any
 
 from bench.common import MODEL, N_CTX, OUT, ROOT, THREADS, fmt, median, peak_rss_mb, require
-from tests.integration.runtime_api import RuntimeAPIServer
+from bench.runtime_api_server import RuntimeAPIServer
 
 MAX_TOKENS = 128
 PROMPT = "Write a long story about a dragon who learns to sail."
@@ -57,9 +57,9 @@ def settings_env(**extra: Any) -> dict[str, str]:
 
 
 def start_loop(engine: Any, invoke_mode: str) -> RuntimeAPIServer:
+    from handler.aws_lambda.app import LambdaApp
+    from handler.aws_lambda.runtime_loop import RuntimeLoop
     from handler.config import load_settings
-    from handler.lambda_app import LambdaApp
-    from handler.runtime import RuntimeLoop
 
     settings = load_settings(settings_env(invoke_mode=invoke_mode))
     server = RuntimeAPIServer().__enter__()
@@ -69,7 +69,7 @@ def start_loop(engine: Any, invoke_mode: str) -> RuntimeAPIServer:
 
 
 def run_engine(engine: Any) -> dict[str, float]:
-    from handler.engine import SamplingParams
+    from handler.engine.generation import SamplingParams
 
     tokens, stops = engine.chat_prompt(messages(uuid.uuid4().hex))
     params = SamplingParams(max_tokens=MAX_TOKENS, temperature=0.0, stop=stops)
@@ -122,9 +122,9 @@ def run_buffered(server: RuntimeAPIServer) -> dict[str, float]:
 
 def first_byte(rounds: int) -> dict[str, Any]:
     from handler.config import load_settings
-    from handler.engine import Engine
+    from handler.engine.in_process.engine import InProcessEngine
 
-    engine = Engine(load_settings(settings_env()))
+    engine = InProcessEngine(load_settings(settings_env()))
     engine.start()
     engine.wait_loaded(120)
     engine.warm_up()

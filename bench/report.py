@@ -66,6 +66,18 @@ def waterfall_rows(p1: dict[str, Any]) -> dict[str, list[tuple[str, float, float
     return rows
 
 
+def save(fig: Any, name: str) -> Path:
+    """Write a figure to bench/img/`name` and free it."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    IMAGES.mkdir(parents=True, exist_ok=True)
+    path = IMAGES / name
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def draw_waterfall(p1: dict[str, Any]) -> Path:
     import matplotlib
 
@@ -91,12 +103,7 @@ def draw_waterfall(p1: dict[str, Any]) -> Path:
             f"{side}: spawn to first chat completion (16 tokens), page cache warm", fontsize=9
         )
     axes[-1].set_xlabel("seconds since spawn")
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    path = IMAGES / "p1_waterfall.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "p1_waterfall.png")
 
 
 def draw_ratios(ratios: dict[str, tuple[float, float]]) -> Path:
@@ -122,12 +129,7 @@ def draw_ratios(ratios: dict[str, tuple[float, float]]) -> Path:
     ax.set_xlabel("ratio against the anchor measured in the same run")
     ax.legend(loc="lower right", fontsize=8)
     ax.tick_params(axis="y", labelsize=8)
-    fig.tight_layout()
-    IMAGES.mkdir(parents=True, exist_ok=True)
-    path = IMAGES / "ratios.png"
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return save(fig, "ratios.png")
 
 
 def section() -> str:

@@ -2,37 +2,23 @@
 
     python -m bench.soak [--requests 1000] [--warmup 100] [--concurrency 2] [--tolerance 0.05]
 
-The events of events/load/ are replayed in order (bench/load.py's closed loop). The first
-`--warmup` requests fill what is meant to fill (compute buffers, the prompt state cache, Python's
-allocator); from then on every RSS sample must stay within `--tolerance` of the RSS at the end
-of the warm-up. The exit status is 1 when memory is not flat or any request failed.
+The events of events/load/ are replayed in order (bench/closed_loop.py, as bench.load does).
+The first `--warmup` requests fill what is meant to fill (compute buffers, the prompt state cache,
+Python's allocator); from then on every RSS sample must stay within `--tolerance` of the RSS at
+the end of the warm-up. The exit status is 1 when memory is not flat or any request failed.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import threading
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
-from bench.load import (
-    EVENTS_DIR,
-    LoadEvent,
-    Outcome,
-    ServerTarget,
-    cpu_pressure,
-    cpu_stall_us,
-    parse_env,
-    percentiles,
-    report,
-    run,
-    started_server,
-    summary_lines,
-    tree_rss_mb,
-)
+from bench import closed_loop
+from bench.common import percentiles, tree_rss_mb
+from bench.load_targets import Outcome, ServerTarget, read_events, started_server
 
 
 class RSSSampler:
@@ -85,27 +71,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=2, help="requests in flight")
     parser.add_argument("--sample-every", type=int, default=20, help="RSS sample interval")
     parser.add_argument("--tolerance", type=float, default=0.05, help="allowed RSS deviation")
-    parser.add_argument("--events", type=Path, default=EVENTS_DIR, help="folder of events")
-    parser.add_argument("--timeout-s", type=float, default=120.0, help="per request")
-    parser.add_argument("--env", action="append", default=[], help="KEY=VALUE for the server")
-    parser.add_argument("--out", type=Path, help="also write the JSON report here")
+    closed_loop.add_run_options(parser)
     args = parser.parse_args(argv)
     if not 0 < args.warmup < args.requests:
         parser.error("--warmup must be between 0 and --requests")
 
-    events = [LoadEvent.read(p) for p in sorted(args.events.glob("*.json"))]
-    if not events:
-        raise SystemExit(f"no events in {args.events}: run python -m bench.load_events")
-    env = parse_env(args.env)
+    events = read_events(args.events)
+    env = closed_loop.parse_env(args.env)
     unbounded = 24 * 3600.0
     with started_server(env) as (base, pid):
         target = ServerTarget(base, args.timeout_s)
         started_rss = round(tree_rss_mb(pid), 1)
-        warm, warm_s = run(target, events, args.warmup, args.concurrency, max_duration_s=unbounded)
+        warm = closed_loop.run(
+            target, events, args.warmup, args.concurrency, max_duration_s=unbounded
+        )
         sampler = RSSSampler(pid, args.sample_every, offset=args.warmup)
         sampler.sample()
-        stall = cpu_stall_us()
-        outcomes, wall_s = run(
+        loop = closed_loop.run(
             target,
             events,
             args.requests - args.warmup,
@@ -115,34 +97,28 @@ def main(argv: list[str] | None = None) -> int:
         )
         if sampler.samples[-1][0] != args.requests:
             sampler.sample()
-        pressure = cpu_pressure(stall, wall_s)
 
     baseline = sampler.samples[0][1]
     memory = flatness(sampler.samples, baseline, args.tolerance)
-    warm_errors = Counter(o.kind for o in warm if o.kind != "ok")
+    warm_errors = Counter(o.kind for o in warm.outcomes if o.kind != "ok")
     extra = {
-        "cpu_pressure": pressure,
-        "requests_sent": len(warm) + len(outcomes),
+        "requests_sent": len(warm.outcomes) + len(loop.outcomes),
         # The warm-up apart: its first requests pay for page faults and cache fills.
         "warmup": {
-            "requests": len(warm),
-            "duration_s": round(warm_s, 1),
+            "requests": len(warm.outcomes),
+            "duration_s": round(warm.wall_s, 1),
             "errors": dict(sorted(warm_errors.items())),
-            "latency_s": percentiles([o.latency_s for o in warm if o.kind == "ok"]),
+            "latency_s": percentiles([o.latency_s for o in warm.outcomes if o.kind == "ok"]),
         },
         "memory": {"start_mb": started_rss, **memory, "samples": sampler.samples},
         "env": env,
         "events": [e.name for e in events],
-        "command": "python -m bench.soak " + " ".join(argv or sys.argv[1:]),
+        "command": closed_loop.command_line("bench.soak", argv),
     }
     # QPS, latency and errors of the requests after the warm-up, while RSS was sampled.
-    result = report(target, outcomes, wall_s, concurrency=args.concurrency, rss=None, extra=extra)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
-    lines = ["after the warm-up:", *summary_lines(result)]
+    result = closed_loop.report(target, loop, concurrency=args.concurrency, rss=None, extra=extra)
+    closed_loop.write_report(result, args.out)
+    lines = ["after the warm-up:", *closed_loop.summary_lines(result)]
     lines.append(
         f"  RSS after warm-up {baseline} MB; min/max/final {memory['min_mb']}/"
         f"{memory['max_mb']}/{memory['final_mb']} MB; max deviation "

@@ -55,7 +55,7 @@ def llama_cpp_side() -> Any:
     one sampled token, its text), straight on the C API: no thread hop, no validation, no JSON.
     llama-cpp-python's `Llama.create_completion` is not used: on an exactly repeated prompt it
     skips evaluation altogether, so it would not do the same work."""
-    from handler import llama_backend as backend
+    from handler.engine.in_process import bindings as backend
 
     backend.init_backend(verbose=False)
     model = backend.Model(str(MODEL), 0)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from handler.config import ConfigError, load_settings
+from handler.config import ConfigError, Settings, load_settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("runtime", help="our Lambda Runtime API loop (streaming, concurrency)")
     args = parser.parse_args(argv)
     if args.command == "runtime":
-        from handler.runtime import main as runtime_main
+        from handler.aws_lambda.runtime_loop import main as runtime_main
 
         return runtime_main()
     if args.command == "lambda":
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_lambda() -> int:
     """Run the runtime that RUNTIME selects (auto: ours for RESPONSE_STREAM or concurrency > 1)."""
-    from handler.runtime import main as runtime_main
-    from handler.runtime import report_init_error
+    from handler.aws_lambda.runtime_api import report_init_error
+    from handler.aws_lambda.runtime_loop import main as runtime_main
 
     try:
         settings = load_settings()
@@ -62,20 +62,19 @@ def run_lambda() -> int:
     return 0
 
 
-def serve_http(settings: object, host: str, port: int) -> int:
+def serve_http(settings: Settings, host: str, port: int) -> int:
     """Start the engine load and serve the app; readiness answers 503 until the model is in."""
     import uvicorn
 
-    from handler.api import create_app
-    from handler.config import Settings
-    from handler.engines import create_engine
-    from handler.lambda_app import configure_logging
+    from handler.engine import create_engine
+    from handler.service.openai_service import OpenAIService
+    from handler.telemetry import configure_logging
+    from handler.web.fastapi_app import create_app
 
-    assert isinstance(settings, Settings)
     configure_logging(settings.log_level)
     engine = create_engine(settings)
     engine.start()
-    app = create_app(engine, settings, watch_disconnect=True)
+    app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)
     return 0
 

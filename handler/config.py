@@ -12,8 +12,15 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 DEFAULT_MODEL_PATH = "/opt/models/model.gguf"
 
@@ -56,10 +63,14 @@ def _cgroup_cpu_quota(root: Path) -> float | None:
     return quota / period if quota > 0 and period > 0 else None
 
 
-class Settings(BaseSettings):
-    """Runtime settings; each field is an environment variable of the same name, upper-cased."""
+class Settings(BaseModel):
+    """Runtime settings; each field is an environment variable of the same name, upper-cased.
 
-    model_config = SettingsConfigDict(case_sensitive=False, extra="ignore", frozen=True)
+    A plain pydantic model: `load_settings` is the one reader of the environment (pydantic-settings
+    cost 50-70 ms of imports before the model load could start, for a lookup done here anyway).
+    """
+
+    model_config = ConfigDict(extra="ignore", frozen=True, protected_namespaces=())
 
     # Model source
     model_uri: str = Field(DEFAULT_MODEL_PATH, description="Path, file:// URI or s3://bucket/key")
@@ -124,13 +135,6 @@ class Settings(BaseSettings):
     aws_lambda_function_memory_size: int | None = Field(None, ge=1)
     aws_lambda_runtime_api: str | None = Field(None, description="host:port of the Runtime API")
     aws_lambda_max_concurrency: int = Field(1, ge=1, le=1024, description="Managed Instances")
-
-    @classmethod
-    def settings_customise_sources(
-        cls, settings_cls: type[BaseSettings], init_settings: Any, *_: Any, **__: Any
-    ) -> tuple[Any, ...]:
-        # load_settings() does the environment lookup itself, so tests can pass a plain dict.
-        return (init_settings,)
 
     @model_validator(mode="before")
     @classmethod
@@ -200,7 +204,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         if name.upper() in env and env[name.upper()] != ""
     }
     try:
-        return Settings(**values)  # type: ignore[arg-type]
+        return Settings.model_validate(values)
     except ValidationError as exc:
         first = exc.errors()[0]
         name = str(first["loc"][0]).upper() if first["loc"] else "settings"

@@ -4,6 +4,6 @@ import time
 
 _INIT_STARTED = time.perf_counter()
 
-from handler.lambda_app import init  # noqa: E402
+from handler.aws_lambda.init import init  # noqa: E402
 
 handler = init(_INIT_STARTED)

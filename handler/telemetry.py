@@ -1,4 +1,5 @@
-"""Metrics: CloudWatch Embedded Metric Format lines on Lambda, Prometheus text in server mode.
+"""Telemetry: CloudWatch Embedded Metric Format lines on Lambda, Prometheus text in server mode,
+and the logging setup.
 
 Written here rather than with aws-lambda-powertools' Metrics: its import costs 16 ms after
 pydantic (40 ms alone) on this machine kind, paid on every cold start, for a JSON line we can
@@ -9,6 +10,7 @@ EMF lines shows what production would.
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import threading
 import time
@@ -115,6 +117,14 @@ class Metrics:
             metric = f"coldstart_{name}"
             lines += [f"# TYPE {metric} gauge", f"{metric} {value:.6g}"]
         return "\n".join(lines) + "\n"
+
+
+def configure_logging(level: str) -> None:
+    """Our loggers at `level`; reuse the runtime's root handler when there is one."""
+    root = logging.getLogger()
+    if not root.handlers:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logging.getLogger("coldstart").setLevel(level.upper())
 
 
 def _snake(name: str) -> str:

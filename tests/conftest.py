@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,18 +30,19 @@ def load_event(name: str) -> dict[str, Any]:
     return json.loads((EVENTS_DIR / name).read_text())
 
 
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def make_settings(**overrides: Any) -> Settings:
     """Settings for the real model with `overrides` (as environment-style strings or values)."""
     env = {"MODEL_URI": str(model_path()), "N_CTX": "1024"}
     env.update({k.upper(): str(v) for k, v in overrides.items()})
     return load_settings(env)
+
+
+def http_app(engine: Any, settings: Settings | None = None) -> Any:
+    """The FastAPI app of the route table around `engine` (with its own settings by default)."""
+    from handler.service.openai_service import OpenAIService
+    from handler.web.fastapi_app import create_app
+
+    return create_app(OpenAIService(engine, settings or engine.settings))
 
 
 @pytest.fixture(scope="session")
@@ -53,9 +53,10 @@ def real_model() -> Path:
 @pytest.fixture(scope="session")
 def engine(real_model: Path) -> Iterator[Any]:
     """One loaded engine on the real model, shared by the session (loading is the slow part)."""
-    from handler.engine import Engine, EngineState
+    from handler.engine import EngineState
+    from handler.engine.in_process.engine import InProcessEngine
 
-    eng = Engine(make_settings())
+    eng = InProcessEngine(make_settings())
     eng.start()
     assert eng.wait_loaded(60) in (EngineState.READY, EngineState.WARM)
     yield eng

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -22,13 +21,15 @@ from typing import Any
 
 import pytest
 
+from bench import common
+from bench.common import INVOKE_PATH, free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 EVENTS_DIR = ROOT / "events"
-INVOKE_PATH = "/2015-03-31/functions/function/invocations"
 FIRST_EVENT = "function-url-chat.json"
 IMAGE = os.environ.get("COLDSTART_IMAGE", "")
 ENGINE = os.environ.get("COLDSTART_ENGINE") or "podman"
-RIE = os.environ.get("COLDSTART_RIE", "")
+RIE = Path(os.environ.get("COLDSTART_RIE") or common.RIE)  # make image-test passes the venv's
 READY_TIMEOUT_S = 60.0
 INVOKE_TIMEOUT_S = 180.0
 FIGURES: dict[str, str] = {}
@@ -67,13 +68,6 @@ def engine(*args: str, check: bool = True, timeout: float = 120) -> str:
 def load_event(name: str) -> Any:
     """An event from events/ (tests never inline events)."""
     return json.loads((EVENTS_DIR / name).read_text())
-
-
-def free_port() -> int:
-    """A free TCP port on 127.0.0.1."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass
@@ -187,12 +181,12 @@ def config() -> dict[str, Any]:
 
 def start_under_rie(command: list[str], env: dict[str, str] | None = None) -> Container:
     """`command` under the real RIE, mounted read-only (never baked into the image)."""
-    if not RIE or not Path(RIE).is_file():
-        pytest.fail(f"COLDSTART_RIE={RIE!r} is not the RIE binary (make image-test sets it)")
+    if not RIE.is_file():
+        pytest.fail(f"no RIE binary at {RIE}: install the dev extras, or set COLDSTART_RIE")
     return start(
         command,
         entrypoint="/aws-lambda/aws-lambda-rie",
-        mounts=[f"{Path(RIE).resolve()}:/aws-lambda/aws-lambda-rie:ro"],
+        mounts=[f"{RIE.resolve()}:/aws-lambda/aws-lambda-rie:ro"],
         env=env,
     )
 

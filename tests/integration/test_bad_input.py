@@ -5,15 +5,14 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from handler.api import create_app
-from tests.conftest import make_settings
+from tests.conftest import http_app, make_settings
 
 pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")
 def client(engine):
-    return TestClient(create_app(engine, engine.settings), raise_server_exceptions=False)
+    return TestClient(http_app(engine, engine.settings), raise_server_exceptions=False)
 
 
 def assert_error(response, status: int, code: str | None = None, param: str | None = None):
@@ -101,13 +100,13 @@ def test_body_over_the_limit_is_413(client):
 
 def test_too_many_messages_is_400(engine):
     settings = make_settings(MAX_MESSAGES="2")
-    client = TestClient(create_app(engine, settings))
+    client = TestClient(http_app(engine, settings))
     body = {"messages": USER * 3}
     assert_error(client.post("/v1/chat/completions", json=body), 400, param="messages")
 
 
 def test_api_key_is_required_when_configured(engine):
-    client = TestClient(create_app(engine, make_settings(API_KEY="sk-test")))
+    client = TestClient(http_app(engine, make_settings(API_KEY="sk-test")))
     assert_error(client.get("/v1/models"), 401, code="invalid_api_key")
     assert_error(client.get("/v1/models", headers={"authorization": "Bearer wrong"}), 401)
     ok = client.get("/v1/models", headers={"authorization": "Bearer sk-test"})

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import pytest
 
-from handler.engine import Engine, EngineState, SamplingParams
-from handler.openai_service import OpenAIService
-from handler.prompt_cache import PrefixStateCache, ResponseCache
-from handler.schemas import ChatCompletionRequest, CompletionRequest
+from handler.engine import EngineState, SamplingParams
+from handler.engine.in_process.engine import InProcessEngine
+from handler.engine.prefix_cache import PrefixStateCache
+from handler.service.openai_service import OpenAIService
+from handler.service.response_cache import ResponseCache
+from handler.service.schemas import ChatCompletionRequest, CompletionRequest
+from handler.service.shapes import CHAT, TEXT
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
@@ -16,14 +19,14 @@ pytestmark = pytest.mark.integration
 SYSTEM = "You are a careful assistant. " + "Follow the house rules. " * 120  # ~600 tokens
 
 
-def loaded(**env) -> Engine:
-    engine = Engine(make_settings(**env))
+def loaded(**env) -> InProcessEngine:
+    engine = InProcessEngine(make_settings(**env))
     engine.start()
     assert engine.wait_loaded(60) is EngineState.READY
     return engine
 
 
-def chat_tokens(engine: Engine, question: str) -> list[int]:
+def chat_tokens(engine: InProcessEngine, question: str) -> list[int]:
     tokens, _ = engine.chat_prompt(
         [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
     )
@@ -41,7 +44,7 @@ def test_prefix_state_is_restored_after_another_prompt_and_output_is_identical()
     cached.generate(first, params).text()
     cached.generate(other, params).text()  # evicts the system prompt from the live context
     with_cache = cached.generate(second, params).text()
-    stats = cached.status().prompt_cache
+    stats = cached.status().extra["prompt_cache"]
     assert stats["hits"] == 1  # the second system-prompt request restored the saved state
     assert 0 < stats["bytes"] <= 64 << 20
 
@@ -70,19 +73,27 @@ def test_response_cache_answers_repeats_and_keeps_parameters_apart(engine):
         "max_tokens": 6,
         "temperature": 0,
     }
-    first = service.chat(ChatCompletionRequest.model_validate(body), None)
-    again = service.chat(ChatCompletionRequest.model_validate(body), None)
+    first = service.complete(CHAT, ChatCompletionRequest.model_validate(body), None)
+    again = service.complete(CHAT, ChatCompletionRequest.model_validate(body), None)
     assert "cached" not in first and again["cached"] is True
     assert again["choices"] == first["choices"] and again["id"] != first["id"]
 
-    longer = service.chat(ChatCompletionRequest.model_validate({**body, "max_tokens": 7}), None)
-    stopped = service.chat(ChatCompletionRequest.model_validate({**body, "stop": ["e"]}), None)
+    longer = service.complete(
+        CHAT, ChatCompletionRequest.model_validate({**body, "max_tokens": 7}), None
+    )
+    stopped = service.complete(
+        CHAT, ChatCompletionRequest.model_validate({**body, "stop": ["e"]}), None
+    )
     assert "cached" not in longer and "cached" not in stopped
     sampled = {**body, "temperature": 0.7}
-    service.chat(ChatCompletionRequest.model_validate(sampled), None)
-    assert "cached" not in service.chat(ChatCompletionRequest.model_validate(sampled), None)
+    service.complete(CHAT, ChatCompletionRequest.model_validate(sampled), None)
+    assert "cached" not in service.complete(
+        CHAT, ChatCompletionRequest.model_validate(sampled), None
+    )
     completion = {"prompt": "Name a colour.", "max_tokens": 6, "temperature": 0}
-    assert "cached" not in service.completion(CompletionRequest.model_validate(completion), None)
+    assert "cached" not in service.complete(
+        TEXT, CompletionRequest.model_validate(completion), None
+    )
     assert service.responses.hits == 1
 
 
@@ -104,5 +115,5 @@ def test_interrupted_answers_are_never_cached(engine):
 
     service = OpenAIService(engine, make_settings(RESPONSE_CACHE_ENTRIES="8"))
     body = {"prompt": "1, 2, 3, 4, 5, 6,", "max_tokens": 500, "temperature": 0}
-    service.completion(CompletionRequest.model_validate(body), time.monotonic() + 0.2)
+    service.complete(TEXT, CompletionRequest.model_validate(body), time.monotonic() + 0.2)
     assert len(service.responses) == 0

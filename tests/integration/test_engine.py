@@ -6,15 +6,16 @@ import time
 
 import pytest
 
-from handler.engine import Engine, EngineState, SamplingParams
-from handler.errors import ContextLengthExceeded, ModelNotReady
+from handler.engine import EngineState, SamplingParams
+from handler.engine.in_process.engine import InProcessEngine
+from handler.errors import ModelNotReady
 from tests.conftest import make_settings
 
 pytestmark = pytest.mark.integration
 
 
 def test_lazy_engine_goes_cold_loading_ready_warm():
-    engine = Engine(make_settings(WARMUP="lazy"))
+    engine = InProcessEngine(make_settings(WARMUP="lazy"))
     assert engine.state is EngineState.COLD
     engine.start()
     assert engine.wait_loaded(60) is EngineState.READY
@@ -24,7 +25,7 @@ def test_lazy_engine_goes_cold_loading_ready_warm():
 
 
 def test_warmup_at_init_is_warm_once_loaded():
-    engine = Engine(make_settings(WARMUP="init"))
+    engine = InProcessEngine(make_settings(WARMUP="init"))
     engine.start()
     engine.wait_loaded(60)
     deadline = time.monotonic() + 30
@@ -64,20 +65,11 @@ def test_cancel_stops_generation(engine):
     assert generation.result.completion_tokens < 500
 
 
-def test_context_budget(engine):
-    n_ctx = engine.settings.n_ctx
-    assert engine.check_fits(10, None, "prompt") == min(n_ctx - 10, engine.settings.max_tokens_cap)
-    with pytest.raises(ContextLengthExceeded):
-        engine.check_fits(n_ctx, None, "prompt")
-    with pytest.raises(ContextLengthExceeded):
-        engine.check_fits(10, n_ctx, "prompt")
-
-
 def test_corrupt_model_fails_with_reason_naming_the_path(tmp_path):
     bad = tmp_path / "truncated.gguf"
     with open(make_settings().model_uri, "rb") as src:
         bad.write_bytes(src.read(1 << 20))  # valid header, tensors cut off
-    engine = Engine(make_settings(MODEL_URI=str(bad)))
+    engine = InProcessEngine(make_settings(MODEL_URI=str(bad)))
     engine.start()
     assert engine.wait_loaded(60) is EngineState.FAILED
     assert str(bad) in engine.status().reason

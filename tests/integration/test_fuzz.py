@@ -23,11 +23,11 @@ from hypothesis import HealthCheck, given, note, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
-from handler.api import create_app
+from handler.aws_lambda.app import LambdaApp
 from handler.config import load_settings
-from handler.engine import Engine, EngineState
-from handler.lambda_app import LambdaApp
-from tests.conftest import FakeContext, load_event, make_settings
+from handler.engine import EngineState
+from handler.engine.in_process.engine import InProcessEngine
+from tests.conftest import FakeContext, http_app, load_event, make_settings
 from tests.integration.servers import http_server, lambda_emulator
 
 pytestmark = pytest.mark.integration
@@ -53,7 +53,7 @@ ENV = {"N_THREADS": "1"}
 def _openapi() -> dict[str, Any]:
     # The schema needs no model: the engine is built but never started.
     config = load_settings({})
-    return create_app(Engine(config), config).openapi()
+    return http_app(InProcessEngine(config), config).openapi()
 
 
 SCHEMA = schemathesis.openapi.from_dict(_openapi())
@@ -221,23 +221,23 @@ def check_lambda_http(result: dict[str, Any], where: str) -> None:
 
 @pytest.fixture(scope="module")
 def fuzz_engine():
-    engine = Engine(make_settings(**ENV))
+    engine = InProcessEngine(make_settings(**ENV))
     engine.start()
     assert engine.wait_loaded(60) in (EngineState.READY, EngineState.WARM)
     return engine
 
 
-@pytest.fixture(scope="module", params=["cold-lane", "fastapi"])
+@pytest.fixture(scope="module", params=["plain-app", "fastapi"])
 def invoke(request, fuzz_engine):
-    """Invoke the handler with its cold lane in front (a fresh handler per event, as on a cold
+    """Invoke the handler with its plain app in front (a fresh handler per event, as on a cold
     start) or with the FastAPI app built."""
     settings = make_settings(**ENV)
     warm = LambdaApp(fuzz_engine, settings)
-    assert warm.app is not None
+    assert warm.full_app() is not None
 
     def call(event: Any) -> Any:
         app = warm
-        if request.param == "cold-lane":
+        if request.param == "plain-app":
             app = LambdaApp(fuzz_engine, settings)
             app.cold = False  # no FastAPI build in the background
         return app(event, FakeContext())

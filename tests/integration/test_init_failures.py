@@ -15,8 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from handler.engine import Engine, EngineState
-from handler.lambda_app import LambdaApp
+from handler.aws_lambda.app import LambdaApp
+from handler.engine import EngineState
+from handler.engine.in_process.engine import InProcessEngine
 from tests.conftest import FakeContext, load_event, make_settings, model_path
 from tests.integration.servers import http_server, lambda_emulator, wait_until
 
@@ -89,7 +90,7 @@ def test_broken_model_in_server_mode_fails_readiness_not_liveness(broken_model):
 
 def test_keep_warm_ping_reports_the_failure(broken_model):
     path, phrase = broken_model
-    engine = Engine(make_settings(MODEL_URI=str(path)))
+    engine = InProcessEngine(make_settings(MODEL_URI=str(path)))
     engine.start()
     assert engine.wait_loaded(60) is EngineState.FAILED
     app = LambdaApp(engine, engine.settings)

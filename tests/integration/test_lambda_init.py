@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from handler.aws_lambda.init import InitError, init
 from handler.engine import EngineState
-from handler.lambda_app import InitError, init
 from tests.conftest import FakeContext, load_event, make_settings
 
 pytestmark = pytest.mark.integration

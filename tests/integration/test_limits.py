@@ -9,12 +9,12 @@ import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from handler.api import create_app
-from handler.engine import Engine
+from handler.engine.in_process.engine import InProcessEngine
 from handler.model_source import resolve_model
-from handler.openai_service import OpenAIService
-from handler.schemas import ChatCompletionRequest
-from tests.conftest import make_settings
+from handler.service.openai_service import OpenAIService
+from handler.service.schemas import ChatCompletionRequest
+from handler.service.shapes import CHAT
+from tests.conftest import http_app, make_settings
 from tests.integration.servers import http_server, wait_until
 
 pytestmark = pytest.mark.integration
@@ -68,9 +68,9 @@ def test_server_mode_answers_503_at_once_while_loading_then_200():
         release.wait(30)
         return resolve_model(s, progress)
 
-    engine = Engine(settings, resolver=slow_resolver)
+    engine = InProcessEngine(settings, resolver=slow_resolver)
     engine.start()
-    client = TestClient(create_app(engine, settings))
+    client = TestClient(http_app(engine, settings))
     body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     loading = client.post("/v1/chat/completions", json=body)
     assert loading.status_code == 503
@@ -109,15 +109,15 @@ def test_truncation_drops_old_turns_but_keeps_system_and_last_message(engine):
     request = long_chat("You are terse. SYSTEM-MARKER")
     strict = OpenAIService(engine, make_settings())
     with pytest.raises(ContextLengthExceeded):
-        strict.prepare_chat(request, None)
+        strict.complete(CHAT, request, None)
     sliding = OpenAIService(engine, make_settings(CONTEXT_OVERFLOW="truncate"))
-    prepared = sliding.prepare_chat(request, None)
+    prompt = CHAT.prompt(request, engine, sliding.settings)
     rendered = "".join(
-        engine._model_handle.piece(t, special=True).decode(errors="ignore") for t in prepared.prompt
+        engine._model_handle.piece(t, special=True).decode(errors="ignore") for t in prompt.tokens
     )
     assert "SYSTEM-MARKER" in rendered
     assert "Last question: what is 2+2?" in rendered
     assert "Question 0:" not in rendered  # the oldest turn went first
-    assert len(prepared.prompt) + 8 <= engine.settings.n_ctx
-    result = sliding.chat(request, None)
+    assert len(prompt.tokens) + 8 <= engine.settings.n_ctx
+    result = sliding.complete(CHAT, request, None)
     assert result["choices"][0]["message"]["content"]

@@ -16,10 +16,10 @@ from typing import Any
 
 import pytest
 
-from handler.lambda_app import LambdaApp
-from handler.runtime import RuntimeLoop
+from bench.runtime_api_server import Result, RuntimeAPIServer
+from handler.aws_lambda.app import LambdaApp
+from handler.aws_lambda.runtime_loop import RuntimeLoop
 from tests.conftest import ROOT, load_event, make_settings, model_path
-from tests.integration.runtime_api import Result, RuntimeAPIServer
 
 pytestmark = pytest.mark.integration
 
@@ -44,28 +44,22 @@ class FailingApp(LambdaApp):
 
     fail_at_message: int | None = None  # 0: the response start, 1: the first body message...
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        inner = self.mangum.app
+    async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
+        sent = 0
 
-        async def app(scope: Any, receive: Any, send: Any) -> None:
-            sent = 0
+        async def counting_send(message: Any) -> None:
+            nonlocal sent
+            if sent == self.fail_at_message:
+                raise RuntimeError("injected fault mid-stream")
+            sent += 1
+            await send(message)
 
-            async def counting_send(message: Any) -> None:
-                nonlocal sent
-                if sent == self.fail_at_message:
-                    raise RuntimeError("injected fault mid-stream")
-                sent += 1
-                await send(message)
+        await super().asgi(scope, receive, counting_send)
 
-            await inner(scope, receive, counting_send)
-
-        self.mangum.app = app
-
-    def __call__(self, event: Any, context: Any) -> Any:
+    def invoke(self, event: Any, context: Any) -> Any:
         if isinstance(event, dict) and event.get("crash"):
             raise RuntimeError("injected crash in the handler")
-        return super().__call__(event, context)
+        return super().invoke(event, context)
 
 
 @pytest.fixture

@@ -22,11 +22,16 @@ from typing import Any
 import boto3
 import pytest
 
-from handler.engine import Engine, EngineState, SamplingParams
-from handler.lambda_app import InitError, init
+from bench.common import free_port
+from handler.aws_lambda.init import InitError, init
+from handler.engine import EngineState, SamplingParams
+from handler.engine.in_process.engine import InProcessEngine
+from handler.engine.lifecycle import Lifecycle
 from handler.model_source import ModelSourceError, resolve_model
-from handler.s3_fetch import PrefixHasher, cache_files, parse_s3_uri
-from tests.conftest import ROOT, FakeContext, free_port, load_event, make_settings, model_path
+from handler.model_source.s3_cache import cache_files
+from handler.model_source.s3_checksum import PrefixHasher
+from handler.model_source.s3_object import parse_s3_uri
+from tests.conftest import ROOT, FakeContext, load_event, make_settings, model_path
 from tests.integration.servers import wait_until
 
 pytestmark = pytest.mark.integration
@@ -140,7 +145,7 @@ def s3_settings(server: MotoServer, cache_dir: Path, **overrides: Any) -> Any:
 
 
 def leftovers(cache_dir: Path) -> list[str]:
-    """Everything in the cache directory but lock files (kept on purpose: see s3_fetch)."""
+    """Everything in the cache directory but lock files (kept on purpose: see s3_cache)."""
     if not cache_dir.exists():
         return []
     return sorted(p.name for p in cache_dir.iterdir() if not p.name.endswith(".lock"))
@@ -160,7 +165,7 @@ def resolve_error(settings: Any, progress: Callable[[int, int], None] | None = N
 
 def test_happy_path_downloads_verifies_loads_and_generates(s3, tmp_path, caplog):
     caplog.set_level(logging.INFO, logger="coldstart.s3")
-    engine = Engine(s3_settings(s3, tmp_path / "cache"))
+    engine = InProcessEngine(s3_settings(s3, tmp_path / "cache"))
     engine.start()
     assert engine.wait_loaded(120) is EngineState.READY, engine.status().reason
 
@@ -502,15 +507,15 @@ def test_slow_download_continues_after_init_and_requests_get_503_until_loaded(
     the ping and readiness show download progress, a request out of time gets 503 + Retry-After,
     and once the download completes the next request is served."""
     fresh_s3.upload_model()
-    original = Engine._on_download_progress
+    original = Lifecycle.on_download_progress
 
-    def pause_server_on_first_bytes(self: Engine, done: int, total: int) -> None:
+    def pause_server_on_first_bytes(self: Lifecycle, done: int, total: int) -> None:
         original(self, done, total)
         if done > 0 and not getattr(self, "_test_paused", False):
             self._test_paused = True  # type: ignore[attr-defined]
             fresh_s3.signal(signal.SIGSTOP)  # the download stalls until SIGCONT
 
-    monkeypatch.setattr(Engine, "_on_download_progress", pause_server_on_first_bytes)
+    monkeypatch.setattr(Lifecycle, "on_download_progress", pause_server_on_first_bytes)
     settings = s3_settings(fresh_s3, tmp_path, INIT_BUDGET_S="0.5", S3_CONCURRENCY="2")
     app = init(time.perf_counter(), settings)
     try:

@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from handler.api import create_app
 from handler.engine import EngineState, SamplingParams
-from handler.slot_engine import SlotEngine
-from tests.conftest import FakeContext, load_event, make_settings
+from handler.engine.llama_server.engine import LlamaServerEngine
+from tests.conftest import FakeContext, http_app, load_event, make_settings
 
 pytestmark = pytest.mark.integration
 
@@ -45,8 +44,8 @@ def slot_settings(**overrides):
     return make_settings(**values)
 
 
-def started(settings) -> SlotEngine:
-    engine = SlotEngine(settings)
+def started(settings) -> LlamaServerEngine:
+    engine = LlamaServerEngine(settings)
     engine.start()
     engine.wait_loaded(60)
     return engine
@@ -62,7 +61,7 @@ def slots():
 
 @pytest.fixture(scope="module")
 def client(slots):
-    return TestClient(create_app(slots, slots.settings))
+    return TestClient(http_app(slots, slots.settings))
 
 
 def test_ready_with_load_phase_and_readiness(slots, client):
@@ -156,7 +155,7 @@ def test_context_overflow_is_a_400_before_any_generation(client):
 
 
 def test_lambda_direct_invoke_runs_on_the_server(capsys):
-    from handler.lambda_app import init
+    from handler.aws_lambda.init import init
 
     app = init(time.perf_counter(), slot_settings())
     try:
@@ -172,7 +171,7 @@ def test_missing_binary_fails_with_its_name():
     engine = started(slot_settings(LLAMA_SERVER_BIN="/nonexistent/llama-server"))
     assert engine.state is EngineState.FAILED
     assert "LLAMA_SERVER_BIN" in (engine.status().reason or "")
-    answer = TestClient(create_app(engine, engine.settings)).get("/readyz")
+    answer = TestClient(http_app(engine, engine.settings)).get("/readyz")
     assert answer.status_code == 503
 
 

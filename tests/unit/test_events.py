@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from handler.events import EventKind, classify
+from handler.aws_lambda.events import EventKind, classify
 from tests.conftest import EVENTS_DIR, load_event
 
 EXPECTED = {
@@ -16,9 +16,9 @@ EXPECTED = {
     "apigw-v2-chat.json": EventKind.API_GATEWAY_V2,
     "alb-chat.json": EventKind.ALB,
     "eventbridge-keep-warm.json": EventKind.KEEP_WARM,
-    "direct-chat.json": EventKind.DIRECT_CHAT,
-    "direct-completion.json": EventKind.DIRECT_COMPLETION,
-    "direct-embedding.json": EventKind.DIRECT_EMBEDDING,
+    "direct-chat.json": EventKind.DIRECT,
+    "direct-completion.json": EventKind.DIRECT,
+    "direct-embedding.json": EventKind.DIRECT,
 }
 
 

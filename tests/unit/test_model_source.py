@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import struct
+import subprocess
+import sys
+from types import ModuleType
 
 import pytest
 
+import handler.model_source
 from handler.config import load_settings
 from handler.model_source import ModelSourceError, local_path, resolve_model
+from tests.conftest import ROOT
 
 
 def gguf_bytes(extra: bytes = b"") -> bytes:
@@ -72,3 +78,22 @@ def test_size_and_hash_checks(tmp_path):
     assert resolve(str(model), MODEL_SHA256=good, MODEL_VERIFY_HASH="true").sha256 == good
     # Without MODEL_VERIFY_HASH the (slow) hash is skipped for local files.
     assert resolve(str(model), MODEL_SHA256="0" * 64).sha256 is None
+
+
+def test_importing_the_package_loads_neither_boto3_nor_the_s3_modules():
+    """The Lambda init imports it before the model load starts; only s3:// models pay for boto3."""
+    code = (
+        "import json, sys, handler.model_source\n"
+        "heavy = ('boto3', 'botocore', 's3transfer', 'handler.model_source.s3_')\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m.startswith(heavy))))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    assert json.loads(done.stdout) == []
+
+
+def test_all_lists_exactly_the_public_names():
+    namespace = vars(handler.model_source).items()
+    public = {n for n, v in namespace if not n.startswith("_") and not isinstance(v, ModuleType)}
+    assert public == set(handler.model_source.__all__)

@@ -7,8 +7,8 @@ import time
 
 import pytest
 
+from handler.aws_lambda.runtime_api import Invocation, InvocationContext
 from handler.config import ConfigError, load_settings, runtime_api_address
-from handler.runtime import Invocation, InvocationContext
 
 
 def settings(**env: str):

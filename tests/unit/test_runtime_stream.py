@@ -9,8 +9,8 @@ from typing import Any
 
 import pytest
 
-from handler.runtime import ErrorReport
-from handler.runtime_stream import DELIMITER, StreamingCycle, prelude
+from handler.aws_lambda.runtime_api import ErrorReport
+from handler.aws_lambda.streaming import DELIMITER, StreamingCycle, prelude
 
 
 class Sink:

@@ -14,18 +14,10 @@ import threading
 import pytest
 
 from handler.model_source import ModelSourceError
-from handler.s3_fetch import (
-    Expected,
-    ObjectInfo,
-    PrefixHasher,
-    S3Location,
-    _PositionalWriter,
-    _read_marker,
-    _verify,
-    _write_marker,
-    cache_files,
-    parse_s3_uri,
-)
+from handler.model_source.s3_cache import cache_files, read_marker, write_marker
+from handler.model_source.s3_checksum import Digest, Expected, PrefixHasher, verify
+from handler.model_source.s3_object import ObjectInfo, S3Location, parse_s3_uri
+from handler.model_source.s3_transfer import PositionalWriter, transfer_error
 
 
 @pytest.mark.parametrize(
@@ -64,7 +56,7 @@ def write_out_of_order(path, data: bytes, chunk: int, hasher: PrefixHasher) -> N
     """Write `data` in shuffled chunks the way concurrent ranged GETs land."""
     fd = os.open(path, os.O_RDWR)
     try:
-        writer = _PositionalWriter(fd, hasher)
+        writer = PositionalWriter(fd, hasher)
         offsets = list(range(0, len(data), chunk))
         random.Random(7).shuffle(offsets)
         for offset in offsets:
@@ -133,21 +125,19 @@ def test_prefix_hasher_stops_when_the_transfer_fails(tmp_path):
 def test_verify_names_the_source_of_the_expected_checksum():
     digest_hex = "ab" * 32
     ok = Expected("MODEL_SHA256", sha256_hex=digest_hex)
-    _verify("s3://b/k", ok, _digest(digest_hex))
+    verify("s3://b/k", ok, _digest(digest_hex))
     with pytest.raises(ModelSourceError, match="does not match the object's ChecksumSHA256"):
-        _verify(
+        verify(
             "s3://b/k",
             Expected("the object's ChecksumSHA256", sha256_hex="cd" * 32),
             _digest(digest_hex),
         )
     with pytest.raises(ModelSourceError, match="composite sha256 x does not match"):
-        _verify("s3://b/k", Expected("S3", composite_b64="y"), _digest(digest_hex, "x"))
-    _verify("s3://b/k", Expected(None), _digest(digest_hex))  # nothing to check against
+        verify("s3://b/k", Expected("S3", composite_b64="y"), _digest(digest_hex, "x"))
+    verify("s3://b/k", Expected(None), _digest(digest_hex))  # nothing to check against
 
 
 def _digest(sha256_hex: str, composite: str | None = None):
-    from handler.s3_fetch import Digest
-
     return Digest(sha256_hex, composite)
 
 
@@ -155,33 +145,31 @@ def test_marker_is_trusted_only_for_the_same_file(tmp_path):
     files = cache_files(tmp_path, S3Location("b", "m.gguf"))
     info = ObjectInfo(size=4, etag='"e"', version_id=None, checksum_sha256=None, composite=False)
     files.model.write_bytes(b"GGUF")
-    assert _read_marker(files, "s3://b/m.gguf") is None  # no marker: never trusted
+    assert read_marker(files, "s3://b/m.gguf") is None  # no marker: never trusted
 
-    _write_marker(files, "s3://b/m.gguf", info, "ab" * 32)
-    marker = _read_marker(files, "s3://b/m.gguf")
+    write_marker(files, "s3://b/m.gguf", info, "ab" * 32)
+    marker = read_marker(files, "s3://b/m.gguf")
     assert marker is not None
     assert marker["sha256"] == "ab" * 32
-    assert _read_marker(files, "s3://other/m.gguf") is None
+    assert read_marker(files, "s3://other/m.gguf") is None
 
     replacement = tmp_path / "other"
     replacement.write_bytes(b"GGUF")
     os.replace(replacement, files.model)  # a different file under the same name
-    assert _read_marker(files, "s3://b/m.gguf") is None
+    assert read_marker(files, "s3://b/m.gguf") is None
 
     files.marker.write_text("{not json")
-    assert _read_marker(files, "s3://b/m.gguf") is None
+    assert read_marker(files, "s3://b/m.gguf") is None
     files.marker.write_text(json.dumps([1, 2]))
-    assert _read_marker(files, "s3://b/m.gguf") is None
+    assert read_marker(files, "s3://b/m.gguf") is None
 
 
 def test_transfer_errors_are_one_line_naming_the_uri(tmp_path):
     import errno
 
-    from handler.s3_fetch import _transfer_error
-
-    full = _transfer_error("s3://b/k", tmp_path, OSError(errno.ENOSPC, "No space left on device"))
+    full = transfer_error("s3://b/k", tmp_path, OSError(errno.ENOSPC, "No space left on device"))
     assert str(full) == f"model s3://b/k: no space left in {tmp_path} during download"
-    denied = _transfer_error(
+    denied = transfer_error(
         "s3://b/k", tmp_path, PermissionError(errno.EACCES, "Permission denied")
     )
     assert str(denied) == f"model s3://b/k: file error in {tmp_path} (Permission denied)"
@@ -191,7 +179,7 @@ def test_transfer_errors_are_one_line_naming_the_uri(tmp_path):
             super().__init__("Max Retries Exceeded")
             self.last_exception = last
 
-    wrapped = _transfer_error(
+    wrapped = transfer_error(
         "s3://b/k", tmp_path, RetriesExceeded(ValueError("line one\nline two"))
     )
     assert str(wrapped) == "model s3://b/k: download failed after retries: line one"

@@ -8,12 +8,8 @@ import struct
 import pytest
 from pydantic import ValidationError
 
-from handler.schemas import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    EmbeddingRequest,
-    encode_embedding,
-)
+from handler.service.objects import encode_embedding
+from handler.service.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 
 
 def chat(**fields):

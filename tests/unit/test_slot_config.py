@@ -6,23 +6,23 @@ from __future__ import annotations
 import pytest
 
 from handler.config import ConfigError, load_settings
-from handler.engine import Engine
-from handler.engines import create_engine
-from handler.llama_server import server_command
-from handler.slot_engine import SlotEngine
+from handler.engine import create_engine
+from handler.engine.in_process.engine import InProcessEngine
+from handler.engine.llama_server.engine import LlamaServerEngine
+from handler.engine.llama_server.process import server_command
 
 
 def test_defaults_keep_the_in_process_engine():
     settings = load_settings({})
     assert settings.inference_engine == "llama"
     assert settings.max_concurrency == 1
-    assert isinstance(create_engine(settings), Engine)
+    assert isinstance(create_engine(settings), InProcessEngine)
 
 
 def test_llama_server_admits_as_many_requests_as_it_has_slots():
     settings = load_settings({"INFERENCE_ENGINE": "llama-server", "PARALLEL_SLOTS": "16"})
     assert settings.max_concurrency == 16
-    assert isinstance(create_engine(settings), SlotEngine)  # built, not started
+    assert isinstance(create_engine(settings), LlamaServerEngine)  # built, not started
 
 
 def test_explicit_max_concurrency_wins():

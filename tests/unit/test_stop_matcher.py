@@ -3,7 +3,7 @@ THEN output stops at the first match."""
 
 from __future__ import annotations
 
-from handler.generation import StopMatcher
+from handler.engine.generation import StopMatcher
 
 
 def run(stops, pieces):

@@ -1,0 +1,36 @@
+"""Engines: the contract the service depends on, the shared lifecycle, and the two engines.
+
+`create_engine(settings)` picks the one INFERENCE_ENGINE names: `llama` runs llama.cpp in this
+process (`in_process`), `llama-server` runs llama.cpp's server as a child (`llama_server`).
+"""
+
+from __future__ import annotations
+
+from handler.config import Settings
+from handler.engine.contract import InferenceEngine
+from handler.engine.generation import Generation, GenerationResult, SamplingParams
+from handler.engine.lifecycle import LOADED_STATES, EngineState, EngineStatus, Phases
+
+__all__ = [
+    "LOADED_STATES",
+    "EngineState",
+    "EngineStatus",
+    "Generation",
+    "GenerationResult",
+    "InferenceEngine",
+    "Phases",
+    "SamplingParams",
+    "create_engine",
+]
+
+
+def create_engine(settings: Settings) -> InferenceEngine:
+    """The engine INFERENCE_ENGINE names, not started yet."""
+    if settings.inference_engine == "llama-server":
+        # Imported only here: the default engine's init path never pays for http.client.
+        from handler.engine.llama_server.engine import LlamaServerEngine
+
+        return LlamaServerEngine(settings)
+    from handler.engine.in_process.engine import InProcessEngine
+
+    return InProcessEngine(settings)

@@ -1,0 +1,170 @@
+"""One generation's data: sampling parameters, the streamed text, its result, stop strings.
+
+Shared by the in-process engine and the llama-server engine; nothing here touches llama.cpp.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from handler import deadline as deadlines
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """What the sampler and stopping logic need for one generation."""
+
+    max_tokens: int
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repeat_penalty: float = 1.0
+    stop: tuple[str, ...] = ()
+    seed: int | None = None
+
+
+@dataclass
+class GenerationResult:
+    """Filled in when a generation ends."""
+
+    finish_reason: str = "stop"
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    queue_s: float = 0.0
+    time_to_first_token_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    interrupted: bool = False  # stopped by a deadline or a cancel, not by the model or max_tokens
+
+    def set_decode_rate(self, first_token_at: float | None) -> None:
+        """Tokens per second after the first one, sampled at `first_token_at` (perf_counter)."""
+        if first_token_at is not None and self.completion_tokens > 1:
+            elapsed = time.perf_counter() - first_token_at
+            self.decode_tokens_per_s = (self.completion_tokens - 1) / elapsed if elapsed else None
+
+
+_END = object()
+
+
+@dataclass
+class Generation:
+    """An iterator of text pieces produced on the engine thread; `result` is set at the end.
+
+    With `streaming=False` the pieces are handed over once, at the end: the waiting thread is
+    not woken per token, which on a 2-vCPU Lambda would steal a core from llama.cpp's threads.
+    """
+
+    streaming: bool = True
+    _pieces: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _buffer: list[str] = field(default_factory=list)
+    result: GenerationResult = field(default_factory=GenerationResult)
+
+    @classmethod
+    def start(
+        cls, prompt_tokens: int, streaming: bool, cancel: threading.Event | None
+    ) -> Generation:
+        """A new generation for a prompt of `prompt_tokens`, stopped when `cancel` is set."""
+        generation = cls(streaming=streaming)
+        if cancel is not None:
+            generation._cancel = cancel
+        generation.result.prompt_tokens = prompt_tokens
+        return generation
+
+    def begin(self, max_tokens: int, deadline: deadlines.Deadline) -> bool:
+        """Called by the engine before decoding: False when there is nothing to generate."""
+        self.result.finish_reason = "length"
+        if max_tokens <= 0 or deadlines.passed(deadline):
+            self.result.interrupted = deadlines.passed(deadline)
+            return False
+        return True
+
+    def should_stop(self, deadline: deadlines.Deadline) -> bool:
+        """Whether to stop now (cancelled, or past the deadline); marks the result interrupted."""
+        if self._cancel.is_set() or deadlines.passed(deadline):
+            self.result.interrupted = True
+            return True
+        return False
+
+    @property
+    def cancelled(self) -> bool:
+        """Whether `cancel()` was called (or the caller's cancel event set)."""
+        return self._cancel.is_set()
+
+    def wait_cancelled(self, timeout_s: float) -> bool:
+        """Block up to `timeout_s` for a cancel; whether it came."""
+        return self._cancel.wait(timeout_s)
+
+    def emit(self, text: str) -> None:
+        """Called on the engine thread for each piece of text."""
+        if self.streaming:
+            self._pieces.put(text)
+        else:
+            self._buffer.append(text)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """Called on the engine thread when the generation ends (with its error, if any)."""
+        if self._buffer:
+            self._pieces.put("".join(self._buffer))
+            self._buffer.clear()
+        if error is not None:
+            self._pieces.put(error)
+        self._pieces.put(_END)
+
+    def __iter__(self) -> Iterator[str]:
+        while True:
+            item = self._pieces.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Ask the engine to stop this generation at the next token (client went away)."""
+        self._cancel.set()
+
+    def text(self) -> str:
+        """Consume the whole generation and return its text."""
+        return "".join(self)
+
+
+class StopMatcher:
+    """Finds stop sequences in streamed text, holding back only what could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self.stops = [s for s in stops if s]
+        self.pending = ""
+
+    def feed(self, text: str) -> tuple[str, bool]:
+        """Add text; return (text safe to emit, whether a stop sequence was hit)."""
+        self.pending += text
+        if not self.stops:
+            out, self.pending = self.pending, ""
+            return out, False
+        hits = [i for i in (self.pending.find(s) for s in self.stops) if i >= 0]
+        if hits:
+            out = self.pending[: min(hits)]
+            self.pending = ""
+            return out, True
+        hold = 0
+        for stop in self.stops:
+            for n in range(min(len(stop) - 1, len(self.pending)), 0, -1):
+                if self.pending.endswith(stop[:n]):
+                    hold = max(hold, n)
+                    break
+        cut = len(self.pending) - hold
+        out, self.pending = self.pending[:cut], self.pending[cut:]
+        return out, False
+
+    def flush(self) -> str:
+        """Text held back when generation ended without a stop."""
+        out, self.pending = self.pending, ""
+        return out

@@ -1,0 +1,342 @@
+"""INFERENCE_ENGINE=llama-server: llama.cpp's own server, a child process with parallel slots.
+
+The in-process engine runs one generation at a time. On a GPU that leaves most of the card idle:
+a decode step for one sequence costs nearly what a step for sixty-four costs. llama.cpp's server
+batches the decode steps of all its slots (continuous batching), so this engine hands the
+generation to it while our process keeps everything else the API promises: readiness, errors,
+auth, limits, deadlines, metrics and the Lambda entry points.
+
+Prompts are rendered with the model's chat template here (the same `ChatTemplate` as the in-process
+engine), tokenized by the child's vocabulary and sent as token ids; context checks and stop
+sequences run here too, so both engines answer a request the same way. The child itself is
+`handler.engine.llama_server.process`.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import http.client
+import logging
+import socket
+import threading
+import time
+from collections.abc import Callable
+from typing import Any
+
+from handler import deadline as deadlines
+from handler.config import Settings
+from handler.deadline import Deadline
+from handler.engine.chat_template import ChatTemplate
+from handler.engine.generation import Generation, SamplingParams, StopMatcher
+from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
+from handler.engine.llama_server.process import (
+    LlamaServer,
+    ServerError,
+    complete,
+    stream_completion,
+)
+from handler.engine.prompts import WARMUP_PROMPT, render_chat
+from handler.errors import InvalidRequest
+from handler.model_source import Progress, ResolvedModel, resolve_model
+
+log = logging.getLogger("coldstart.llama_server")
+
+# Same window as the in-process sampler's penalties (bindings.Sampler).
+PENALTY_LAST_N = 64
+
+
+class LlamaServerEngine:
+    """The engine contract, served by a llama-server child process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
+    ) -> None:
+        self.settings = settings
+        self.lifecycle = Lifecycle()
+        self._resolver = resolver
+        self._model: ResolvedModel | None = None
+        self._server: LlamaServer | None = None
+        self._chat_template: ChatTemplate | None = None
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self._closing = False
+
+    # ----------------------------------------------------------------- lifecycle
+
+    @property
+    def state(self) -> EngineState:
+        """The lifecycle state."""
+        return self.lifecycle.state
+
+    def start(self) -> None:
+        """Resolve the model and start llama-server on a background thread."""
+        self.lifecycle.start(self._run, name="coldstart-slots")
+
+    def wait_loaded(self, timeout_s: float | None) -> EngineState:
+        """Block until the server is ready or failed, or until `timeout_s`; return the state."""
+        return self.lifecycle.wait_loaded(timeout_s)
+
+    def require_loaded(self, deadline: Deadline) -> None:
+        """Wait for the server until `deadline` at most; 503 if it is not there."""
+        self.lifecycle.require_loaded(deadline, self.start)
+
+    def status(self) -> EngineStatus:
+        """Current state; queue depth counts requests waiting for a free slot."""
+        model = self._model
+        return EngineStatus(
+            state=self.lifecycle.state,
+            reason=self.lifecycle.reason,
+            model_id=self.settings.model_id,
+            model_path=str(model.path) if model else None,
+            model_bytes=model.size_bytes if model else None,
+            phases=self.lifecycle.phases,
+            queue_depth=max(0, self._in_flight - self.settings.parallel_slots),
+            download=self.lifecycle.download,
+        )
+
+    def warm_up(self, deadline: Deadline = None) -> EngineStatus:
+        """One tiny generation through the server (later calls return at once)."""
+        self.require_loaded(deadline)
+        with self.lifecycle.warm_lock:
+            if self.lifecycle.state is EngineState.READY:
+                with self.lifecycle.timed("warmup_s"):
+                    prompt = self.tokenize(WARMUP_PROMPT, add_bos=True)
+                    self._require_server().call(
+                        "POST", "/completion", {"prompt": prompt, "n_predict": 1}
+                    )
+                self.lifecycle.warmed()
+        return self.status()
+
+    def close(self) -> None:
+        """Stop the server (SIGTERM, then SIGKILL after a grace period)."""
+        self._closing = True
+        if self._server is not None:
+            self._server.stop()
+
+    def _run(self) -> None:
+        try:
+            self._load()
+        except Exception:
+            self.close()
+            raise  # the lifecycle turns it into `failed`
+        self.lifecycle.ready()
+        if self.settings.warmup == "init":
+            try:
+                self.warm_up()
+            except Exception:
+                log.exception("warm-up failed")
+        self._watch()
+
+    def _load(self) -> None:
+        with self.lifecycle.timed("resolve_s"):
+            self._model = self._resolver(self.settings, self.lifecycle.on_download_progress)
+        with self.lifecycle.timed("load_s"):
+            self._server = LlamaServer(self.settings, str(self._model.path))
+            atexit.register(self.close)
+            self._server.start()
+        props = self._server.call("GET", "/props")
+        slot_ctx = props.get("default_generation_settings", {}).get("n_ctx")
+        if slot_ctx is not None and int(slot_ctx) < self.settings.n_ctx:
+            raise ServerError(f"llama-server gives each slot {slot_ctx} tokens, < N_CTX")
+        if props.get("chat_template"):
+            bos, eos = props.get("bos_token") or "", props.get("eos_token") or ""
+            self._chat_template = ChatTemplate(props["chat_template"], bos, eos)
+        log.info(
+            "llama-server ready on port %d with %d slots in %.3fs",
+            self._server.port,
+            self.settings.parallel_slots,
+            self.lifecycle.phases.load_s,
+        )
+
+    def _watch(self) -> None:
+        """A server that dies takes the engine to `failed`: readiness then answers 503."""
+        server = self._require_server()
+        code = server.wait()
+        if not self._closing:
+            self.lifecycle.fail(f"llama-server exited with code {code}: {server.last_error()}")
+
+    def _require_server(self) -> LlamaServer:
+        if self._server is None:
+            self.lifecycle.require_usable()
+            raise ServerError("llama-server is not running")
+        return self._server
+
+    # ----------------------------------------------------------------- prompts
+
+    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
+        self.lifecycle.require_usable()
+        return render_chat(self._chat_template, messages, self.tokenize)
+
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of `text`, by the server's vocabulary."""
+        self.lifecycle.require_usable()
+        body = {"content": text, "add_special": add_bos, "parse_special": special}
+        tokens: list[int] = self._require_server().call("POST", "/tokenize", body)["tokens"]
+        return tokens
+
+    # ----------------------------------------------------------------- generation
+
+    def generate(
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: Deadline = None,
+        streaming: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> Generation:
+        """Start a generation on a free slot; iterate the result as the contract says."""
+        self.lifecycle.require_usable()
+        generation = Generation.start(len(prompt), streaming, cancel)
+        with self._in_flight_lock:
+            self._in_flight += 1
+
+        def job() -> None:
+            error: BaseException | None = None
+            try:
+                if streaming:
+                    self._stream(prompt, params, deadline, generation)
+                else:
+                    self._complete(prompt, params, deadline, generation)
+            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
+                error = exc
+            finally:
+                with self._in_flight_lock:
+                    self._in_flight -= 1
+                generation.finish(error)
+
+        threading.Thread(target=job, name="coldstart-slot-request", daemon=True).start()
+        return generation
+
+    def _stream(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+    ) -> None:
+        result = out.result
+        self.lifecycle.warmed()  # the first real request warms the model
+        if not out.begin(params.max_tokens, deadline):
+            return
+        conn = self._require_server().connect(deadlines.seconds_left(deadline, floor_s=0.05))
+        stops = StopMatcher(params.stop)
+        hit_stop = False
+        started = time.perf_counter()
+        first_at: float | None = None
+        try:
+            for chunk in stream_completion(conn, _completion_body(prompt, params)):
+                if first_at is None:
+                    first_at = time.perf_counter()
+                    result.time_to_first_token_s = first_at - started
+                predicted = int(chunk.get("tokens_predicted", result.completion_tokens + 1))
+                if chunk.get("stop"):
+                    # The last chunk counts the end-of-generation token; ours never does.
+                    eos = chunk.get("stop_type") == "eos"
+                    result.completion_tokens = predicted - 1 if eos else predicted
+                    result.finish_reason = "stop" if eos else "length"
+                    break
+                result.completion_tokens = predicted
+                text, hit_stop = stops.feed(chunk.get("content", ""))
+                if text:
+                    out.emit(text)
+                if hit_stop:
+                    result.finish_reason = "stop"
+                    break
+                if out.should_stop(deadline):
+                    break
+        except TimeoutError:
+            if deadline is None:  # the socket times out only at the deadline
+                raise
+            result.interrupted = True
+        finally:
+            conn.close()  # mid-stream, this makes llama-server cancel the slot's task
+        tail = "" if hit_stop else stops.flush()
+        if tail:
+            out.emit(tail)
+        result.set_decode_rate(first_at)
+
+    def _complete(
+        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+    ) -> None:
+        """A buffered request as one non-streamed /completion: llama-server applies the stop
+        strings and the time limit, and this process parses one JSON answer instead of one per
+        token (at 64 streams, per-token parsing here capped the aggregate at a quarter)."""
+        result = out.result
+        self.lifecycle.warmed()
+        if not out.begin(params.max_tokens, deadline):
+            return
+        body = {**_completion_body(prompt, params), "stream": False, "stop": list(params.stop)}
+        if deadline is not None:
+            body["t_max_predict_ms"] = max(1, int((deadline - time.monotonic()) * 1000))
+        left = deadlines.seconds_left(deadline, floor_s=0.05)
+        conn = self._require_server().connect(None if left is None else left + 1.0)
+        done = threading.Event()
+
+        def close_when_cancelled() -> None:
+            # A client that hangs up: closing the connection makes llama-server drop the task.
+            while not done.is_set() and not out.wait_cancelled(0.2):
+                pass
+            while not done.is_set():
+                if conn.sock is not None:  # shutdown wakes the read blocked in the other thread
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
+                    return
+                time.sleep(0.01)  # the request is not sent yet
+
+        threading.Thread(target=close_when_cancelled, daemon=True).start()
+        try:
+            answer = complete(conn, body)
+        except (TimeoutError, OSError, http.client.HTTPException):
+            if out.cancelled or deadline is not None:
+                result.interrupted = True
+                return
+            raise
+        finally:
+            done.set()
+            conn.close()
+        stop_type = answer.get("stop_type")
+        predicted = int(answer.get("tokens_predicted", 0))
+        result.completion_tokens = predicted - 1 if stop_type == "eos" and predicted else predicted
+        result.finish_reason = "stop" if stop_type in ("eos", "word") else "length"
+        result.interrupted = stop_type == "limit" and predicted < params.max_tokens
+        timings = answer.get("timings") or {}
+        if timings.get("prompt_ms") is not None:
+            result.time_to_first_token_s = float(timings["prompt_ms"]) / 1000
+        if timings.get("predicted_per_second"):
+            result.decode_tokens_per_s = float(timings["predicted_per_second"])
+        if answer.get("content"):
+            out.emit(answer["content"])
+
+    # ----------------------------------------------------------------- embeddings
+
+    def embed(self, texts: list[str], deadline: Deadline = None) -> tuple[list[list[float]], int]:
+        """Not served: llama-server computes embeddings only when started for nothing else."""
+        raise InvalidRequest(
+            "embeddings are not available with INFERENCE_ENGINE=llama-server; "
+            "use INFERENCE_ENGINE=llama for /v1/embeddings",
+            param="input",
+            code="unsupported",
+        )
+
+
+def _completion_body(prompt: list[int], params: SamplingParams) -> dict[str, Any]:
+    """A /completion request whose sampling matches `llama_backend.Sampler`'s chain."""
+    return {
+        "prompt": prompt,
+        "n_predict": params.max_tokens,
+        "cache_prompt": True,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "typical_p": 1.0,
+        "repeat_penalty": params.repeat_penalty,
+        "repeat_last_n": PENALTY_LAST_N,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "dry_multiplier": 0.0,
+        "xtc_probability": 0.0,
+        "mirostat": 0,
+        "seed": params.seed if params.seed is not None else -1,
+        "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
+    }

@@ -1,0 +1,84 @@
+"""HTTP pieces every front door shares, free of any web framework: auth, validation errors,
+SSE framing, JSON rendering and the deadline of a request."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from handler import deadline as deadlines
+from handler.config import Settings
+from handler.errors import APIError, AuthenticationFailed, InternalError, InvalidRequest
+
+ModelT = TypeVar("ModelT", bound=BaseModel)
+
+log = logging.getLogger("coldstart.api")
+
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def check_api_key(settings: Settings, authorization: str | None) -> None:
+    """Raise 401 unless API_KEY is unset or the bearer token matches (constant-time compare)."""
+    if settings.api_key is None:
+        return
+    scheme, _, token = (authorization or "").partition(" ")
+    expected = settings.api_key.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise AuthenticationFailed("Incorrect or missing API key (Authorization: Bearer ...)")
+
+
+def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
+    """The first pydantic/FastAPI validation problem as a 400 naming the parameter."""
+    if not errors:
+        return InvalidRequest("invalid request")
+    first = errors[0]
+    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    if first.get("type") == "json_invalid":
+        return InvalidRequest("request body is not valid JSON", code="invalid_json")
+    if first.get("type") == "missing" and not loc:
+        return InvalidRequest("request body is required")
+    if first.get("type") in ("model_type", "model_attributes_type", "dict_type") and not loc:
+        return InvalidRequest("request body must be a JSON object")
+    param = ".".join(loc) if loc else None
+    message = first.get("msg", "invalid value")
+    return InvalidRequest(f"{param}: {message}" if param else message, param=param)
+
+
+def parse_body(schema: type[ModelT], body: bytes | dict[str, Any]) -> ModelT:
+    """A request body (raw JSON, or an already decoded event payload) validated by `schema`;
+    a 400 naming the first bad parameter otherwise."""
+    try:
+        if isinstance(body, bytes):
+            return schema.model_validate_json(body or b"null")
+        return schema.model_validate(body)
+    except ValidationError as exc:
+        raise invalid_request(exc.errors()) from None
+
+
+def render_json(content: Any) -> bytes:
+    """JSON bytes exactly as Starlette's JSONResponse renders them, so every door answers the
+    same bytes."""
+    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+
+
+def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
+    """Server-sent events: one `data:` line per chunk, an error object if one fails, then [DONE]."""
+    try:
+        for chunk in chunks:
+            yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
+    except APIError as exc:
+        yield f"data: {json.dumps(exc.body())}\n\n"
+    except Exception:
+        log.exception("stream failed after the first chunk")
+        yield f"data: {json.dumps(InternalError('generation failed').body())}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+def scope_deadline(scope: Any, settings: Settings) -> deadlines.Deadline:
+    """Lambda's remaining time (via Mangum's `aws.context`) minus the margin, else no deadline."""
+    return deadlines.from_context(scope.get("aws.context"), settings.deadline_margin_ms)

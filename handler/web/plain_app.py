@@ -1,0 +1,144 @@
+"""The plain ASGI app: every route of the table without importing FastAPI.
+
+Importing FastAPI costs about 0.25 s on this machine kind (mostly building its OpenAPI models),
+more than the whole model load, and a cold Lambda pays it before its first answer. This app serves
+the same route table with the same validation, auth, limits and error objects (a differential
+test keeps the two apps in step), so the cold invoke never waits for FastAPI. A request it does
+not speak (a body that is not JSON) goes to `fallback`, the FastAPI app, built on first need.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
+
+from handler.config import Settings
+from handler.errors import APIError, InternalError, PayloadTooLarge
+from handler.service.chunk_stream import ChunkStream
+from handler.service.health import Reply
+from handler.service.openai_service import OpenAIService
+from handler.web.dispatch import Dispatcher
+from handler.web.http import SSE_HEADERS, render_json, sse_lines
+from handler.web.routes import Result, resolve
+
+log = logging.getLogger("coldstart.api")
+
+Scope = dict[str, Any]
+Receive = Callable[[], Awaitable[dict[str, Any]]]
+Send = Callable[[dict[str, Any]], Awaitable[None]]
+ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
+
+JSON_TYPES = (b"", b"application/json")
+
+
+class PlainApp:
+    """An ASGI app over the route table; `fallback` answers what it does not speak."""
+
+    def __init__(
+        self,
+        service: OpenAIService,
+        settings: Settings,
+        fallback: Callable[[], ASGIApp] | None = None,
+        watch_disconnect: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.dispatcher = Dispatcher(service, settings, watch_disconnect)
+        self._fallback = fallback
+
+    def speaks(self, scope: Scope) -> bool:
+        """HTTP with a JSON body, or none: what this app parses itself."""
+        if scope["type"] != "http" or self._fallback is None:
+            return bool(scope["type"] == "http")
+        headers = dict(scope.get("headers") or [])
+        content_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+        return content_type in JSON_TYPES
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if not self.speaks(scope):
+            if self._fallback is None:
+                return  # lifespan and websockets: nothing to do
+            await self._fallback()(scope, receive, send)
+            return
+        try:
+            result = await self._serve(scope, receive)
+        except APIError as exc:
+            await _send_json(send, exc.status, exc.body(), exc.headers())
+            return
+        except Exception:
+            log.exception("unexpected error")
+            error = InternalError("internal error")
+            await _send_json(send, error.status, error.body())
+            return
+        await _send_result(send, result)
+
+    async def _serve(self, scope: Scope, receive: Receive) -> Result:
+        route, params = resolve(scope["method"], scope["path"])
+        body = await self._read_body(receive)
+        headers = dict(scope.get("headers") or [])
+        authorization = headers.get(b"authorization")
+        self.dispatcher.authenticate(
+            route, authorization.decode("latin-1") if authorization else None
+        )
+        call = self.dispatcher.call(route, scope, params, body)
+        return await self.dispatcher.run(route, call, receive)
+
+    async def _read_body(self, receive: Receive) -> bytes:
+        limit = self.settings.max_request_bytes
+        parts: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                break
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise PayloadTooLarge(f"request body is larger than {limit} bytes")
+            parts.append(chunk)
+            if not message.get("more_body"):
+                break
+        return b"".join(parts)
+
+
+async def _send_result(send: Send, result: Result) -> None:
+    if isinstance(result, ChunkStream):
+        try:
+            await _send_sse(send, sse_lines(result))
+        finally:
+            result.close()
+    elif isinstance(result, Reply):
+        if isinstance(result.content, str):
+            body = result.content.encode()
+            await _send(send, result.status, body, result.media_type, result.headers)
+        else:
+            await _send_json(send, result.status, result.content, result.headers)
+    else:
+        await _send_json(send, 200, result)
+
+
+async def _send_json(
+    send: Send, status: int, content: Any, extra_headers: dict[str, str] | None = None
+) -> None:
+    await _send(send, status, render_json(content), "application/json", extra_headers)
+
+
+async def _send(
+    send: Send, status: int, body: bytes, media_type: str, extra_headers: dict[str, str] | None
+) -> None:
+    # Header order and charset as Starlette's Response renders them, so both apps agree.
+    if media_type.startswith("text/") and "charset" not in media_type:
+        media_type += "; charset=utf-8"
+    headers = [(b"content-length", str(len(body)).encode()), (b"content-type", media_type.encode())]
+    headers += [(k.lower().encode(), v.encode()) for k, v in (extra_headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def _send_sse(send: Send, lines: Iterator[str]) -> None:
+    headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
+    headers += [(k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items()]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    for line in lines:
+        await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
