@@ -113,7 +113,7 @@ def run_anchor(side: str, path: Path, timeout_s: float) -> dict[str, Any]:
 
 def function_url_event() -> dict[str, Any]:
     """events/function-url-chat.json with the bench's chat body."""
-    event = json.loads((ROOT / "events/function-url-chat.json").read_text())
+    event: dict[str, Any] = json.loads((ROOT / "events/function-url-chat.json").read_text())
     event["body"] = json.dumps(CHAT)
     return event
 
@@ -137,7 +137,8 @@ def emf_line(log: Path) -> dict[str, Any]:
     """The first CloudWatch EMF line our function printed (its phase timings), if any."""
     for line in log.read_text(errors="replace").splitlines():
         if line.startswith('{"_aws"'):
-            return json.loads(line)
+            record: dict[str, Any] = json.loads(line)
+            return record
     return {}
 
 

@@ -170,7 +170,7 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Path, log: Path) -> None:
 
     def check() -> bool:
         if proc.poll() is not None:
-            raise RuntimeError(f"{proc.args[0]} exited {proc.returncode}: {log_tail(log)}")
+            raise RuntimeError(f"{log.stem} exited {proc.returncode}: {log_tail(log)}")
         return ready.is_file() and ready.stat().st_size > 0
 
     poll(check, READY_TIMEOUT_S, interval_s=0.005)
