@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from handler.config import ConfigError, Settings, load_settings
+if TYPE_CHECKING:
+    from handler.config import Settings
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,6 +24,14 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("lambda", help="run on Lambda: awslambdaric or our loop, per RUNTIME")
     commands.add_parser("runtime", help="our Lambda Runtime API loop (streaming, concurrency)")
     args = parser.parse_args(argv)
+    if args.command in ("runtime", "lambda"):
+        # Before anything heavy is imported: the weights stream in while Python imports the rest.
+        from handler.environment import current
+        from handler.model_source.prefetch import start_early
+
+        start_early(current())
+    from handler.config import ConfigError, load_settings
+
     if args.command == "runtime":
         from handler.aws_lambda.runtime_loop import main as runtime_main
 
@@ -43,6 +53,7 @@ def run_lambda() -> int:
     """Run the runtime that RUNTIME selects (auto: ours for RESPONSE_STREAM or concurrency > 1)."""
     from handler.aws_lambda.runtime_api import report_init_error
     from handler.aws_lambda.runtime_loop import main as runtime_main
+    from handler.config import ConfigError, load_settings
 
     try:
         settings = load_settings()

@@ -1,6 +1,7 @@
 """All configuration, read once from the environment into one typed `Settings`.
 
-This is the only module that reads `os.environ`. Every field is documented in README.md; the
+Its environment comes from `handler.environment`, the one place that reads `os.environ`.
+Every field is documented in README.md; the
 environment variable is the field name in upper case (e.g. `model_uri` <- `MODEL_URI`).
 """
 
@@ -22,7 +23,16 @@ from pydantic import (
     model_validator,
 )
 
-DEFAULT_MODEL_PATH = "/opt/models/model.gguf"
+from handler.environment import DEFAULT_MODEL_PATH, current
+
+__all__ = [
+    "DEFAULT_MODEL_PATH",
+    "ConfigError",
+    "Settings",
+    "available_cpus",
+    "load_settings",
+    "runtime_api_address",
+]
 
 
 class ConfigError(ValueError):
@@ -84,6 +94,15 @@ class Settings(BaseModel):
     s3_concurrency: int = Field(16, ge=1, le=64, description="Concurrent ranged GETs")
     s3_max_attempts: int = Field(5, ge=1, le=20, description="Retries per request")
 
+    # Prefetch: read a local model into memory at the storage's speed from the start of init
+    prefetch: Literal["auto", "off"] = Field(
+        "auto", description="auto: local models not already in the page cache are read ahead"
+    )
+    prefetch_readers: int = Field(16, ge=1, le=256, description="parallel reads in flight")
+    prefetch_reserve_mb: int = Field(
+        512, ge=0, description="memory left free by the prefetch (KV cache, buffers, Python)"
+    )
+
     # Engine
     warmup: Literal["lazy", "init", "off"] = "lazy"
     init_budget_s: float = Field(8.0, gt=0, le=10)
@@ -135,6 +154,9 @@ class Settings(BaseModel):
     aws_lambda_function_memory_size: int | None = Field(None, ge=1)
     aws_lambda_runtime_api: str | None = Field(None, description="host:port of the Runtime API")
     aws_lambda_max_concurrency: int = Field(1, ge=1, le=1024, description="Managed Instances")
+    aws_lambda_initialization_type: str = Field(
+        "on-demand", description="on-demand, provisioned-concurrency or snap-start"
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -189,13 +211,12 @@ class Settings(BaseModel):
 
 def runtime_api_address(environ: Mapping[str, str] | None = None) -> str | None:
     """AWS_LAMBDA_RUNTIME_API alone, to report an init error when the rest of the config is bad."""
-    env = os.environ if environ is None else environ
-    return env.get("AWS_LAMBDA_RUNTIME_API") or None
+    return current(environ).get("AWS_LAMBDA_RUNTIME_API") or None
 
 
 def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     """Read settings from `environ` (default: the process environment), one clear error if bad."""
-    env = dict(os.environ if environ is None else environ)
+    env = current(environ)
     fields = Settings.model_fields
     # Only pass our own variables so unrelated environment never influences parsing.
     values = {

@@ -23,6 +23,8 @@ NAMESPACE = "coldstart"
 # name -> (CloudWatch unit, Prometheus help)
 METRICS: dict[str, tuple[str, str]] = {
     "ColdStart": ("Count", "1 on the first invocation of an execution environment"),
+    "Restore": ("Count", "1 on the first invocation after a SnapStart restore"),
+    "RestoreDuration": ("Seconds", "the after-restore hook: reseed, recheck the engine"),
     "InitDuration": ("Seconds", "init phase: process start to handler ready"),
     "ResolveDuration": ("Seconds", "model source resolution (download for S3)"),
     "ImportDuration": ("Seconds", "import of llama.cpp bindings"),

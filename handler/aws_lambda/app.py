@@ -56,6 +56,7 @@ class LambdaApp:
         self.service = OpenAIService(engine, settings, self.metrics)
         self.init_s = init_s
         self.cold = True
+        self.restore_s: float | None = None  # set by a SnapStart restore until its first invoke
         self._phases_reported: set[str] = set()
         self._cold_lock = threading.Lock()
         # The plain app serves the cold invoke; FastAPI is built after it, off the request path.
@@ -172,6 +173,12 @@ class LambdaApp:
 
     # ------------------------------------------------------------- bookkeeping
 
+    def restored(self, duration_s: float) -> None:
+        """A SnapStart restore happened: the next invoke is this copy's cold start."""
+        with self._cold_lock:
+            self.cold = True
+            self.restore_s = duration_s
+
     def _begin(self) -> tuple[float, bool]:
         """(start time, whether this is the environment's first invocation)."""
         with self._cold_lock:
@@ -196,9 +203,14 @@ class LambdaApp:
         """One EMF line per invoke: cold-start phases once, then request metrics."""
         self.metrics.record("ColdStart", 1.0 if cold else 0.0)
         self.metrics.record("InvocationDuration", invocation_s)
-        if cold:
-            self.metrics.record("InitDuration", self.init_s)
         status = self.engine.status()
+        if cold and self.restore_s is not None:
+            # Init and its phases ran when the snapshot was taken, not in this environment.
+            self.metrics.record_many({"Restore": 1.0, "RestoreDuration": self.restore_s})
+            self.restore_s = None
+            self._phases_reported.update(PHASE_METRICS.values())
+        elif cold:
+            self.metrics.record("InitDuration", self.init_s)
         phases = status.phases.as_dict()
         for field_name, metric in PHASE_METRICS.items():
             value = phases.get(field_name)

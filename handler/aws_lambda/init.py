@@ -12,8 +12,12 @@ import logging
 import time
 from typing import TYPE_CHECKING
 
+from handler.aws_lambda import snapstart
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine import EngineState, create_engine
+from handler.model_source import ModelSourceError
+from handler.model_source.prefetch import Prefetch
+from handler.model_source.prefetch import start as prefetch_start
 from handler.telemetry import configure_logging
 
 if TYPE_CHECKING:
@@ -26,17 +30,28 @@ class InitError(RuntimeError):
     """Init cannot succeed; the message is the one line Lambda reports."""
 
 
-def init(started: float, settings: Settings | None = None) -> LambdaApp:
+def init(
+    started: float,
+    settings: Settings | None = None,
+    prefetch: Prefetch | None = None,
+    awslambdaric_hooks: bool = False,
+) -> LambdaApp:
     """Lambda init: start the load, build the app meanwhile, wait within INIT_BUDGET_S.
 
-    `started` is the `time.perf_counter()` reading taken when init began.
+    `started` is the `time.perf_counter()` reading taken when init began; `prefetch` the model
+    read-ahead the entry point started before Settings existed (else one starts here).
+    An environment frozen after init (provisioned concurrency, SnapStart) is made ready to
+    freeze: with SnapStart by the before-snapshot hook, which our Runtime API loop calls itself
+    and awslambdaric calls when `awslambdaric_hooks` registered it.
     """
     try:
         settings = settings or load_settings()
     except ConfigError as exc:
         raise InitError(str(exc)) from None
     configure_logging(settings.log_level)
-    engine = create_engine(settings)
+    if prefetch is None and settings.prefetch == "auto":
+        prefetch = start_prefetch(settings)
+    engine = create_engine(settings, prefetch)
     engine.start()  # the mmap load overlaps the imports and the app built below
     from handler.aws_lambda.app import LambdaApp
 
@@ -50,5 +65,31 @@ def init(started: float, settings: Settings | None = None) -> LambdaApp:
         log.warning(
             "model still loading after %.1fs; continuing in the background", settings.init_budget_s
         )
+    if snapstart.snap_start(settings):
+        if awslambdaric_hooks:
+            snapstart.register_with_awslambdaric(lambda_app)
+    elif snapstart.frozen_after_init(settings):
+        freeze_ready(lambda_app)
     log.info("init done in %.3fs, state=%s", time.perf_counter() - started, state.value)
     return lambda_app
+
+
+def freeze_ready(lambda_app: LambdaApp) -> None:
+    """Make the environment ready to freeze, or fail init with the reason."""
+    try:
+        snapstart.before_freeze(lambda_app)
+    except snapstart.FreezeError as exc:
+        raise InitError(str(exc)) from None
+
+
+def start_prefetch(settings: Settings) -> Prefetch | None:
+    """The read-ahead of a local model (None for s3://, whose download reads it anyway)."""
+    if settings.model_uri.startswith("s3://"):
+        return None
+    from handler.model_source import local_path
+
+    try:
+        path = local_path(settings.model_uri)
+    except ModelSourceError:
+        return None  # the model source reports it, with the path
+    return prefetch_start(path, settings.prefetch_readers, settings.prefetch_reserve_mb << 20)

@@ -9,8 +9,10 @@ import json
 import sys
 import time
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from handler.config import Settings
+if TYPE_CHECKING:
+    from handler.config import Settings
 
 API = "/2018-06-01/runtime"
 ERROR_CONTENT_TYPE = "application/vnd.aws.lambda.error+json"
@@ -117,6 +119,16 @@ class RuntimeClient:
     def post_error(self, request_id: str, error: ErrorReport) -> None:
         """An invocation error (only before any byte of a streamed response)."""
         self._post(f"{API}/invocation/{request_id}/error", error.body(), ERROR_CONTENT_TYPE, error)
+
+    def restore_next(self) -> None:
+        """SnapStart: ask for the snapshot; returns once this environment has been restored."""
+        status, body, _ = self._call("GET", f"{API}/restore/next")
+        if status != 200:
+            raise RuntimeAPIError(f"/restore/next answered {status}: {body[:200]!r}")
+
+    def post_restore_error(self, error: ErrorReport) -> None:
+        """The after-restore hook failed; Lambda discards this restored environment."""
+        self._post(f"{API}/restore/error", error.body(), ERROR_CONTENT_TYPE, error)
 
     def post_init_error(self, error: ErrorReport) -> None:
         """Init failed; Lambda reports `error` and restarts the environment."""

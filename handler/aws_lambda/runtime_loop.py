@@ -18,6 +18,7 @@ This loop speaks the Runtime API itself (`handler.aws_lambda.runtime_api`):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
 import logging
@@ -35,14 +36,17 @@ from handler.aws_lambda.runtime_api import (
     RuntimeClient,
     report_init_error,
 )
-from handler.config import Settings
 
 if TYPE_CHECKING:
     from handler.aws_lambda.app import LambdaApp
+    from handler.config import Settings
 
 log = logging.getLogger("coldstart.runtime")
 
 STREAMING_KINDS = frozenset({EventKind.FUNCTION_URL, EventKind.API_GATEWAY_V1})
+# The error types awslambdaric reports for failed SnapStart hooks.
+BEFORE_SNAPSHOT_ERROR = "Runtime.BeforeSnapshotError"
+AFTER_RESTORE_ERROR = "Runtime.AfterRestoreError"
 
 
 class RuntimeLoop:
@@ -147,8 +151,13 @@ class RuntimeLoop:
 
 
 def main() -> int:
-    """Init (config, model load within INIT_BUDGET_S), then serve until the Runtime API is gone."""
+    """Init (config, model load within INIT_BUDGET_S), the SnapStart restore lifecycle when
+    Lambda snapshots this environment, then serve until the Runtime API is gone."""
     started = time.perf_counter()
+    from handler.environment import current
+    from handler.model_source.prefetch import start_early
+
+    prefetch = start_early(current())
     from handler.config import ConfigError, load_settings, runtime_api_address
 
     try:
@@ -160,10 +169,11 @@ def main() -> int:
     if not address:
         print("coldstart: AWS_LAMBDA_RUNTIME_API is not set (run under Lambda or the emulator)")
         return 2
+    from handler.aws_lambda import snapstart
     from handler.aws_lambda.init import InitError, init
 
     try:
-        lambda_app = init(started, settings)
+        lambda_app = init(started, settings, prefetch)
     except InitError as exc:
         report_init_error(address, str(exc))
         return 1
@@ -171,8 +181,38 @@ def main() -> int:
         log.exception("init failed")
         report_init_error(address, ErrorReport.from_exception(exc).message, type(exc).__name__)
         return 1
+    if snapstart.snap_start(settings) and not snapshot_and_restore(lambda_app, address):
+        return 1
     RuntimeLoop(lambda_app, settings, address).serve(settings.aws_lambda_max_concurrency)
     return 1  # serve() returns only when the Runtime API is gone
+
+
+def snapshot_and_restore(lambda_app: LambdaApp, address: str) -> bool:
+    """SnapStart: before-snapshot hook, `/runtime/restore/next` (the snapshot is taken while it
+    waits; it returns in a restored copy), after-restore hook; False after a reported failure."""
+    from handler.aws_lambda import snapstart
+
+    try:
+        snapstart.before_freeze(lambda_app)
+    except Exception as exc:
+        log.exception("before-snapshot hook failed")
+        report_init_error(address, ErrorReport.from_exception(exc).message, BEFORE_SNAPSHOT_ERROR)
+        return False
+    client = RuntimeClient(address)
+    try:
+        client.restore_next()
+    except (RuntimeAPIError, OSError, http.client.HTTPException) as exc:
+        log.error("runtime API unavailable at the snapshot: %s", exc)
+        return False
+    try:
+        snapstart.after_restore(lambda_app)
+    except Exception as exc:
+        log.exception("after-restore hook failed")
+        report = ErrorReport(AFTER_RESTORE_ERROR, ErrorReport.from_exception(exc).message)
+        with contextlib.suppress(RuntimeAPIError, OSError, http.client.HTTPException):
+            client.post_restore_error(report)
+        return False
+    return True
 
 
 if __name__ == "__main__":

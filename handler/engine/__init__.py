@@ -10,6 +10,7 @@ from handler.config import Settings
 from handler.engine.contract import InferenceEngine
 from handler.engine.generation import Generation, GenerationResult, SamplingParams
 from handler.engine.lifecycle import LOADED_STATES, EngineState, EngineStatus, Phases
+from handler.model_source.prefetch import Prefetch
 
 __all__ = [
     "LOADED_STATES",
@@ -24,13 +25,14 @@ __all__ = [
 ]
 
 
-def create_engine(settings: Settings) -> InferenceEngine:
-    """The engine INFERENCE_ENGINE names, not started yet."""
+def create_engine(settings: Settings, prefetch: Prefetch | None = None) -> InferenceEngine:
+    """The engine INFERENCE_ENGINE names, not started yet; `prefetch` is the model's read-ahead
+    if one is running (its progress shows in the engine's status)."""
     if settings.inference_engine == "llama-server":
         # Imported only here: the default engine's init path never pays for http.client.
         from handler.engine.llama_server.engine import LlamaServerEngine
 
-        return LlamaServerEngine(settings)
+        return LlamaServerEngine(settings, prefetch=prefetch)
     from handler.engine.in_process.engine import InProcessEngine
 
-    return InProcessEngine(settings)
+    return InProcessEngine(settings, prefetch=prefetch)

@@ -68,6 +68,15 @@ class InferenceEngine(Protocol):
         """Normalised embedding vectors and the token count."""
         ...
 
+    def make_resident(self) -> int:
+        """Read every weight page into memory (before a freeze); the bytes resident then."""
+        ...
+
+    def restored(self) -> None:
+        """After a SnapStart restore: adopt this machine's CPUs; raise if the engine did not
+        survive the snapshot (the after-restore hook reports it)."""
+        ...
+
     def close(self) -> None:
         """Release what the engine holds (threads stay daemons; child processes stop)."""
         ...

@@ -114,3 +114,29 @@ def test_image_build_args_are_dockerfile_args(template: dict[str, Any]) -> None:
         dockerfile = ROOT / meta.get("DockerContext", ".") / meta["Dockerfile"]
         declared = set(re.findall(r"^ARG (\w+)", dockerfile.read_text(), flags=re.MULTILINE))
         assert set(meta.get("DockerBuildArgs", {})) <= declared
+
+
+def test_snapstart_is_a_switch_on_published_versions(template):
+    function = template["Resources"]["ColdstartFunction"]["Properties"]
+    condition, on, off = function["SnapStart"]["Fn::If"]
+    assert condition == "UseSnapStart"
+    assert on == {"ApplyOn": "PublishedVersions"}
+    assert off == {"Ref": "AWS::NoValue"}
+    assert function["AutoPublishAlias"]  # SnapStart applies to published versions only
+    assert template["Parameters"]["SnapStart"]["Default"] == "false"
+
+
+def test_snapstart_refuses_what_it_cannot_do(template):
+    rule = template["Rules"]["SnapStartLimits"]
+    assert rule["RuleCondition"] == {"Fn::Equals": [{"Ref": "SnapStart"}, "true"]}
+    asserted = {
+        a["Assert"]["Fn::Equals"][0]["Ref"]: a["Assert"]["Fn::Equals"][1]
+        for a in rule["Assertions"]
+    }
+    assert asserted == {
+        "EfsAccessPointArn": "",  # no EFS with SnapStart
+        "EphemeralStorageMB": "512",  # no ephemeral storage over 512 MB
+        "ProvisionedConcurrency": "0",  # one or the other
+    }
+    storage = template["Parameters"]["EphemeralStorageMB"]
+    assert storage["MinValue"] == 512 and storage["Default"] == 512

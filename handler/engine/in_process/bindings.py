@@ -219,6 +219,10 @@ class Context:
         self._decode(self._lib.llama_batch_get_one(self._one, 1))
         self._cached.append(token)
 
+    def set_threads(self, n_threads: int) -> None:
+        """Threads for generation and batch evaluation from now on."""
+        self._lib.llama_set_n_threads(self.ptr, n_threads, n_threads)
+
     def reset(self) -> None:
         """Forget the KV cache."""
         self._lib.llama_memory_clear(self._memory, True)

@@ -19,15 +19,17 @@ from concurrent.futures import Future
 from typing import Any
 
 from handler import deadline as deadlines
-from handler.config import Settings
+from handler.config import Settings, available_cpus
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
 from handler.engine.generation import Generation, SamplingParams, StopMatcher
 from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
 from handler.engine.prefix_cache import PrefixStateCache
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
+from handler.engine.residency import make_resident, residency
 from handler.errors import ContextLengthExceeded
 from handler.model_source import Progress, ResolvedModel, resolve_model
+from handler.model_source.prefetch import Prefetch
 
 log = logging.getLogger("coldstart.engine")
 
@@ -41,9 +43,12 @@ class InProcessEngine:
         self,
         settings: Settings,
         resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self.settings = settings
         self.lifecycle = Lifecycle()
+        self.prefetch = prefetch  # reading the model ahead since init began, if it is local
+        self.threads = settings.n_threads
         self._resolver = resolver
         self._model: ResolvedModel | None = None
         self._backend: Any = None  # handler.engine.in_process.bindings, imported on the thread
@@ -85,7 +90,11 @@ class InProcessEngine:
             phases=self.lifecycle.phases,
             queue_depth=self._jobs.qsize(),
             download=self.lifecycle.download,
-            extra={"prompt_cache": cache} if cache else {},
+            extra={
+                **({"resident": residency(model.path)} if model else {}),
+                **({"prefetch": self.prefetch.status()} if self.prefetch else {}),
+                **({"prompt_cache": cache} if cache else {}),
+            },
         )
 
     def _prompt_cache_stats(self) -> dict[str, int] | None:
@@ -106,6 +115,27 @@ class InProcessEngine:
             if self.lifecycle.state is EngineState.READY:
                 self._submit(self._warm_up_on_engine_thread).result()
         return self.status()
+
+    def make_resident(self) -> int:
+        """Read the whole model file into the page cache (finishing the init prefetch)."""
+        self.lifecycle.require_usable()
+        assert self._model is not None
+        return make_resident(self._model.path, self.prefetch, self.settings)
+
+    def restored(self) -> None:
+        """After a restore: as many llama.cpp threads as this machine's CPUs, unless N_THREADS
+        pins them."""
+        if "n_threads" in self.settings.model_fields_set:
+            return
+        threads = available_cpus()
+        if threads != self.threads and self._context is not None:
+            self._submit(lambda: self._set_threads(threads)).result()
+        self.threads = threads
+
+    def _set_threads(self, threads: int) -> None:
+        for context in (self._context, self._embedder):
+            if context is not None:
+                context.set_threads(threads)
 
     def close(self) -> None:
         """Nothing to release: the engine thread is a daemon and the mapping ends with us."""
@@ -138,7 +168,7 @@ class InProcessEngine:
             path = str(self._model.path)
             model = bindings.Model(path, self.settings.n_gpu_layers)
             self._context = bindings.Context(
-                model, self.settings.n_ctx, self.settings.n_batch, self.settings.n_threads
+                model, self.settings.n_ctx, self.settings.n_batch, self.threads
             )
             if self.settings.prompt_cache_mb > 0:
                 self._context.prefix_cache = PrefixStateCache(
@@ -306,7 +336,7 @@ class InProcessEngine:
                 self._model_handle,
                 self.settings.n_ctx,
                 self.settings.n_ctx,
-                self.settings.n_threads,
+                self.threads,
                 embeddings=True,
             )
         vectors = [self._embedder.embed(tokens) for tokens in batches]

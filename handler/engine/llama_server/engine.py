@@ -37,8 +37,10 @@ from handler.engine.llama_server.process import (
     stream_completion,
 )
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
+from handler.engine.residency import make_resident, residency
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
+from handler.model_source.prefetch import Prefetch
 
 log = logging.getLogger("coldstart.llama_server")
 
@@ -53,9 +55,11 @@ class LlamaServerEngine:
         self,
         settings: Settings,
         resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
+        prefetch: Prefetch | None = None,
     ) -> None:
         self.settings = settings
         self.lifecycle = Lifecycle()
+        self.prefetch = prefetch  # reading the model ahead since init began, if it is local
         self._resolver = resolver
         self._model: ResolvedModel | None = None
         self._server: LlamaServer | None = None
@@ -95,6 +99,10 @@ class LlamaServerEngine:
             phases=self.lifecycle.phases,
             queue_depth=max(0, self._in_flight - self.settings.parallel_slots),
             download=self.lifecycle.download,
+            extra={
+                **({"resident": residency(model.path)} if model else {}),
+                **({"prefetch": self.prefetch.status()} if self.prefetch else {}),
+            },
         )
 
     def warm_up(self, deadline: Deadline = None) -> EngineStatus:
@@ -109,6 +117,20 @@ class LlamaServerEngine:
                     )
                 self.lifecycle.warmed()
         return self.status()
+
+    def make_resident(self) -> int:
+        """Read the whole model file into the page cache (the child maps it too)."""
+        self.lifecycle.require_usable()
+        assert self._model is not None
+        return make_resident(self._model.path, self.prefetch, self.settings)
+
+    def restored(self) -> None:
+        """After a restore: the child must have survived the snapshot; its threads stay as
+        they were started (a new count would need a new child)."""
+        server = self._server
+        if server is None or server.exited() or self.lifecycle.state is EngineState.FAILED:
+            reason = self.lifecycle.reason or (server.last_error() if server else "not started")
+            raise ServerError(f"llama-server is not running after the restore: {reason}")
 
     def close(self) -> None:
         """Stop the server (SIGTERM, then SIGKILL after a grace period)."""

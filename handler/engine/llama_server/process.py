@@ -96,6 +96,10 @@ class LlamaServer:
         assert self._process is not None
         return self._process.wait()
 
+    def exited(self) -> bool:
+        """Whether the process has ended (or never started)."""
+        return self._process is None or self._process.poll() is not None
+
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period."""
         process = self._process
