@@ -15,6 +15,7 @@ from fastapi.testclient import TestClient
 
 from handler.engine import EngineState, SamplingParams
 from handler.engine.llama_server.engine import LlamaServerEngine
+from handler.engine.llama_server.sampling import completion_body
 from tests.conftest import FakeContext, http_app, load_event, make_settings
 
 pytestmark = pytest.mark.integration
@@ -245,3 +246,53 @@ def test_buffered_request_stops_at_the_deadline_and_on_cancel(slots):
     cancelled.cancel()
     cancelled.text()
     assert cancelled.result.interrupted
+
+
+def legacy_body(prompt: list[int], params: SamplingParams) -> dict:
+    """The /completion body sent before issue 15: every sampler listed, top_k 0, for every shape."""
+    return {
+        "prompt": prompt,
+        "n_predict": params.max_tokens,
+        "cache_prompt": True,
+        "temperature": params.temperature,
+        "top_k": params.top_k,
+        "top_p": params.top_p,
+        "min_p": params.min_p,
+        "typical_p": 1.0,
+        "repeat_penalty": params.repeat_penalty,
+        "repeat_last_n": 64,
+        "presence_penalty": params.presence_penalty,
+        "frequency_penalty": params.frequency_penalty,
+        "dry_multiplier": 0.0,
+        "xtc_probability": 0.0,
+        "mirostat": 0,
+        "seed": params.seed if params.seed is not None else -1,
+        "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
+    }
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(max_tokens=32, temperature=0.0),
+        SamplingParams(max_tokens=32, temperature=0.0, presence_penalty=0.8),
+        SamplingParams(max_tokens=32, temperature=0.9, top_p=0.9, seed=1234),
+        SamplingParams(max_tokens=32, temperature=0.7, frequency_penalty=0.5, seed=99),
+    ],
+    ids=["greedy", "greedy-penalty", "top-p-seeded", "penalty-seeded"],
+)
+def test_the_cheap_sampling_body_picks_the_same_tokens_as_the_old_one(slots, params):
+    """The same chain, fewer passes: the tokens of a fixed prompt do not change."""
+    server = slots._require_server()
+    prompt = slots.tokenize("Once upon a time, in a small village by the sea,")
+
+    def tokens(body: dict) -> list[int]:
+        answer = server.call(
+            "POST", "/completion", {**body, "stream": False, "return_tokens": True}
+        )
+        return answer["tokens"]
+
+    before = tokens(legacy_body(prompt, params))
+    after = tokens(completion_body(prompt, params, stream=False))
+    assert len(before) == params.max_tokens
+    assert after == before

@@ -36,6 +36,7 @@ from handler.engine.llama_server.process import (
     complete,
     stream_completion,
 )
+from handler.engine.llama_server.sampling import completion_body
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.engine.residency import make_resident, residency
 from handler.errors import InvalidRequest
@@ -43,9 +44,6 @@ from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch
 
 log = logging.getLogger("coldstart.llama_server")
-
-# Same window as the in-process sampler's penalties (bindings.Sampler).
-PENALTY_LAST_N = 64
 
 
 class LlamaServerEngine:
@@ -246,7 +244,7 @@ class LlamaServerEngine:
         started = time.perf_counter()
         first_at: float | None = None
         try:
-            for chunk in stream_completion(conn, _completion_body(prompt, params)):
+            for chunk in stream_completion(conn, completion_body(prompt, params, stream=True)):
                 if first_at is None:
                     first_at = time.perf_counter()
                     result.time_to_first_token_s = first_at - started
@@ -287,9 +285,8 @@ class LlamaServerEngine:
         self.lifecycle.warmed()
         if not out.begin(params.max_tokens, deadline):
             return
-        body = {**_completion_body(prompt, params), "stream": False, "stop": list(params.stop)}
-        if deadline is not None:
-            body["t_max_predict_ms"] = max(1, int((deadline - time.monotonic()) * 1000))
+        limit_ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
+        body = completion_body(prompt, params, stream=False, time_limit_ms=limit_ms)
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         conn = self._require_server().connect(None if left is None else left + 1.0)
         done = threading.Event()
@@ -339,26 +336,3 @@ class LlamaServerEngine:
             param="input",
             code="unsupported",
         )
-
-
-def _completion_body(prompt: list[int], params: SamplingParams) -> dict[str, Any]:
-    """A /completion request whose sampling matches `llama_backend.Sampler`'s chain."""
-    return {
-        "prompt": prompt,
-        "n_predict": params.max_tokens,
-        "cache_prompt": True,
-        "temperature": params.temperature,
-        "top_k": params.top_k,
-        "top_p": params.top_p,
-        "min_p": params.min_p,
-        "typical_p": 1.0,
-        "repeat_penalty": params.repeat_penalty,
-        "repeat_last_n": PENALTY_LAST_N,
-        "presence_penalty": params.presence_penalty,
-        "frequency_penalty": params.frequency_penalty,
-        "dry_multiplier": 0.0,
-        "xtc_probability": 0.0,
-        "mirostat": 0,
-        "seed": params.seed if params.seed is not None else -1,
-        "samplers": ["penalties", "top_k", "top_p", "min_p", "temperature"],
-    }
