@@ -11,7 +11,8 @@ interleaved (their order rotates each round):
 - llama_cpp.server: llama-cpp-python's own server, spawned, polled, then asked;
 - coldstart: ours, `python -m awslambdaric handler.lambda_function.handler` under the real Lambda
   Runtime Interface Emulator with MODEL_URI on the mounted file, a function URL chat event posted
-  as soon as the emulator listens.
+  as soon as the emulator listens;
+- coldstart-noprefetch: the same with PREFETCH=off (the mmap faults pages in on demand).
 
 Every server gets the same chat request with max_tokens 1 (llama-server on its
 /v1/chat/completions, so that all three evaluate the same templated prompt): spawn -> the answer
@@ -55,7 +56,9 @@ from bench.common import (
 )
 from bench.synth_model import write_model
 
-SIDES = ("floor", "llama-server", "llama_cpp.server", "coldstart")
+SIDES = ("floor", "llama-server", "llama_cpp.server", "coldstart", "coldstart-noprefetch")
+# Ours with the init prefetch turned off: what the prefetch buys, in the same run.
+NO_PREFETCH = {"PREFETCH": "off"}
 ANCHORS = ("llama-server", "llama_cpp.server")
 CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
 READERS = 16
@@ -118,7 +121,7 @@ def function_url_event() -> dict[str, Any]:
     return event
 
 
-def ours_env(path: Path, timeout_s: float) -> dict[str, str]:
+def ours_env(path: Path, timeout_s: float, extra: dict[str, str]) -> dict[str, str]:
     """Our function's environment: the mounted model, as `make emulate` and the image run it."""
     env = {
         **os.environ,
@@ -127,6 +130,7 @@ def ours_env(path: Path, timeout_s: float) -> dict[str, str]:
         "N_CTX": str(N_CTX),
         "N_THREADS": str(THREADS),
         "AWS_LAMBDA_FUNCTION_TIMEOUT": str(int(timeout_s)),
+        **extra,
     }
     if LAZY_MMAP.is_file():
         env["LD_PRELOAD"] = str(LAZY_MMAP)
@@ -142,7 +146,9 @@ def emf_line(log: Path) -> dict[str, Any]:
     return {}
 
 
-def run_ours(path: Path, timeout_s: float) -> dict[str, Any]:
+def run_ours(
+    path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
     """Spawn the emulator + our runtime, post the function URL event as soon as it listens."""
     port, api_port = free_port(), free_port()
     url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
@@ -157,7 +163,7 @@ def run_ours(path: Path, timeout_s: float) -> dict[str, Any]:
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
             emulator_command(port, api_port),
-            env=ours_env(path, timeout_s),
+            env=ours_env(path, timeout_s, extra_env or {}),
             cwd=ROOT,
             start_new_session=True,
             stdout=log,
@@ -182,6 +188,8 @@ def measure(side: str) -> Measure:
         return run_floor
     if side == "coldstart":
         return run_ours
+    if side == "coldstart-noprefetch":
+        return lambda path, timeout_s: run_ours(path, timeout_s, NO_PREFETCH)
     return lambda path, timeout_s: run_anchor(side, path, timeout_s)
 
 
@@ -225,8 +233,8 @@ def table(summary: dict[str, Any]) -> str:
     """The markdown table of medians and ratios."""
     lines = [
         "| model / profile | n | floor | llama-server | llama_cpp.server | ours | "
-        "ours / llama-server | ours / llama_cpp.server |",
-        "|---|---|---|---|---|---|---|---|",
+        "ours, PREFETCH=off | ours / llama-server | ours / llama_cpp.server |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key, entry in summary.items():
         vs = entry.get("ours_vs", {})

@@ -102,11 +102,14 @@ def main() -> None:
     parser.add_argument(
         "--baseline",
         type=Path,
-        help="another checkout of this repository (e.g. `git worktree add /tmp/base main~1`): "
-        "adds the side coldstart@baseline, run from that tree in the same rounds",
+        action="append",
+        default=[],
+        help="another checkout of this repository (e.g. `git worktree add /tmp/base main~1`), "
+        "repeatable: adds the side coldstart@<its folder name>, run from it in the same rounds",
     )
     args = parser.parse_args()
-    sides = args.sides.split(",") + (["coldstart@baseline"] if args.baseline else [])
+    baselines = {f"coldstart@{path.name}": path for path in args.baseline}
+    sides = args.sides.split(",") + list(baselines)
     OUT.mkdir(parents=True, exist_ok=True)
     require(RIE, "install the dev extras (aws-sam-cli)")
     runs: list[dict[str, Any]] = []
@@ -120,8 +123,8 @@ def main() -> None:
                 try:
                     if side == "coldstart":
                         result = run_ours()
-                    elif side == "coldstart@baseline":
-                        result = run_ours(tree=args.baseline)
+                    elif side in baselines:
+                        result = run_ours(tree=baselines[side])
                     else:
                         result = run_anchor(side)
                 except (urllib.error.URLError, TimeoutError, AssertionError) as exc:

@@ -5,7 +5,8 @@ On Lambda the weights come over the network (image blocks, EFS, S3-backed caches
 first read of a block is a round trip. An mmap that waits for one page fault at a time is bound
 by that latency, not by bandwidth; many readers in flight fill the bandwidth instead. So from the
 first instant of init, `Prefetch` runs READERS threads that `pread` the file in chunks: the GGUF
-header, then the token embedding, then block 0, 1, ... in layer order, then the output head. The
+header, then block 0, 1, ... in layer order, then the output head, the token embedding last (the
+first pass needs only the prompt's rows of it). The
 model load (an mmap) and the first forward pass then find the pages in memory, and a forward pass
 that overtakes the readers waits only for what it needs next.
 
@@ -99,15 +100,21 @@ def tensor_extents(path: Path) -> tuple[int, list[TensorExtent]]:
 
 
 def need_order(extents: list[TensorExtent]) -> list[TensorExtent]:
-    """Tensors in the order a forward pass reads them: embedding, blocks by layer, the rest."""
+    """Tensors in the order the first forward pass needs them whole: the blocks by layer, then
+    the rest (output norm and head), the token embedding last.
+
+    The first pass reads only the embedding rows of the prompt's tokens (a few pages, faulted in
+    on demand); the whole table is needed only as the output head of a model that ties the two,
+    which is read last anyway. Reading it first cost a tenth of the file's time up front.
+    """
 
     def rank(extent: TensorExtent) -> tuple[int, int, int]:
         block = _BLOCK.match(extent.name)
-        if extent.name.startswith("token_embd"):
-            return (0, 0, extent.offset)
         if block:
-            return (1, int(block.group(1)), extent.offset)
-        return (2, 0, extent.offset)
+            return (0, int(block.group(1)), extent.offset)
+        if extent.name.startswith("token_embd"):
+            return (2, 0, extent.offset)
+        return (1, 0, extent.offset)
 
     return sorted(extents, key=rank)
 

@@ -32,12 +32,13 @@ def test_extents_tile_the_data_section(real_model: Path):
     assert extents[-1].offset + extents[-1].size == real_model.stat().st_size
 
 
-def test_need_order_is_embedding_then_blocks_by_layer(real_model: Path):
+def test_need_order_is_blocks_by_layer_then_the_rest_and_the_embedding_last(real_model: Path):
     names = [e.name for e in need_order(tensor_extents(real_model)[1])]
-    assert names[0] == "token_embd.weight"
+    assert names[0].startswith("blk.0.")
+    assert names[-1] == "token_embd.weight"  # the first pass needs only the prompt's rows
     layers = [int(m.group(1)) for n in names if (m := re.match(r"blk\.(\d+)\.", n))]
-    assert layers == sorted(layers) and layers[0] == 0
-    first_other = next(i for i, n in enumerate(names[1:], 1) if not n.startswith("blk."))
+    assert layers == sorted(layers)
+    first_other = next(i for i, n in enumerate(names) if not n.startswith("blk."))
     assert all(not n.startswith("blk.") for n in names[first_other:])
 
 
@@ -48,11 +49,12 @@ def test_plan_covers_the_file_once_in_need_order(real_model: Path):
     covered = sorted(plan)
     for (a, n), (b, _) in itertools.pairwise(covered):
         assert a + n == b
-    _, extents = tensor_extents(real_model)
+    header_end, extents = tensor_extents(real_model)
     embd = next(e for e in extents if e.name == "token_embd.weight")
+    block0 = min(e.offset for e in extents if e.name.startswith("blk.0."))
     assert plan[0][0] == 0  # the header first
-    first_embd = next(i for i, (off, _) in enumerate(plan) if off == embd.offset)
-    assert all(off < embd.offset for off, _ in plan[:first_embd])
+    assert next(off for off, _ in plan if off >= header_end) == block0  # then block 0
+    assert plan[-1][0] + plan[-1][1] == embd.offset + embd.size  # the embedding last
 
 
 def test_plan_stops_at_the_memory_budget(real_model: Path):
