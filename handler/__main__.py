@@ -82,7 +82,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.telemetry import configure_logging
     from handler.web.fastapi_app import create_app
 
-    configure_logging(settings.log_level)
+    configure_logging(settings.logging_level, settings.aws_lambda_log_format)
     engine = create_engine(settings)
     engine.start()
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)

@@ -35,6 +35,17 @@ __all__ = [
 ]
 
 
+# Lambda's ApplicationLogLevel values -> Python's level names (TRACE has none: DEBUG).
+LAMBDA_LOG_LEVELS = {
+    "TRACE": "DEBUG",
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARN": "WARNING",
+    "ERROR": "ERROR",
+    "FATAL": "CRITICAL",
+}
+
+
 class ConfigError(ValueError):
     """Invalid configuration; the message is one line naming the variable."""
 
@@ -157,6 +168,13 @@ class Settings(BaseModel):
     aws_lambda_initialization_type: str = Field(
         "on-demand", description="on-demand, provisioned-concurrency or snap-start"
     )
+    # From the function's LoggingConfig (LogFormat, ApplicationLogLevel)
+    aws_lambda_log_format: Literal["Text", "JSON"] = Field(
+        "Text", description="JSON: every log line one JSON object with the request id"
+    )
+    aws_lambda_log_level: Literal["TRACE", "DEBUG", "INFO", "WARN", "ERROR", "FATAL"] | None = (
+        Field(None, description="ApplicationLogLevel; when set, it replaces LOG_LEVEL")
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -192,6 +210,19 @@ class Settings(BaseModel):
     def _invoke_mode_upper(cls, value: Any) -> Any:
         return value.strip().upper() if isinstance(value, str) else value
 
+    @field_validator("aws_lambda_log_format", mode="before")
+    @classmethod
+    def _log_format(cls, value: Any) -> Any:
+        # As awslambdaric reads it: JSON in any case, anything else is text.
+        if isinstance(value, str):
+            return "JSON" if value.strip().upper() == "JSON" else "Text"
+        return value
+
+    @field_validator("aws_lambda_log_level", mode="before")
+    @classmethod
+    def _log_level_upper(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
     @property
     def lambda_runtime(self) -> Literal["awslambdaric", "coldstart"]:
         """The runtime `python -m handler lambda` runs: ours where awslambdaric falls short."""
@@ -199,6 +230,13 @@ class Settings(BaseModel):
             return self.runtime
         streaming = self.invoke_mode == "RESPONSE_STREAM"
         return "coldstart" if streaming or self.aws_lambda_max_concurrency > 1 else "awslambdaric"
+
+    @property
+    def logging_level(self) -> str:
+        """The level of our loggers: Lambda's application log level when set, else LOG_LEVEL."""
+        if self.aws_lambda_log_level is None:
+            return self.log_level.upper()
+        return LAMBDA_LOG_LEVELS[self.aws_lambda_log_level]
 
     @property
     def model_id(self) -> str:

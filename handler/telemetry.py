@@ -1,5 +1,5 @@
 """Telemetry: CloudWatch Embedded Metric Format lines on Lambda, Prometheus text in server mode,
-and the logging setup.
+and the logging setup (text, or JSON objects with the request id when Lambda's log format is JSON).
 
 Written here rather than with aws-lambda-powertools' Metrics: its import costs 16 ms after
 pydantic (40 ms alone) on this machine kind, paid on every cold start, for a JSON line we can
@@ -14,7 +14,10 @@ import logging
 import sys
 import threading
 import time
-from collections.abc import Mapping
+import traceback
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from typing import IO, Any
 
@@ -63,6 +66,9 @@ class Metrics:
             self._last[name] = value
             self._totals[name] = self._totals.get(name, 0.0) + value
             self._counts[name] = self._counts.get(name, 0) + 1
+        invocation = current_invocation()
+        if invocation is not None:  # for the invocation's own log line (tokens)
+            invocation.add(name, value)
 
     def record_many(self, values: Mapping[str, float | None]) -> None:
         """Record several observations."""
@@ -121,12 +127,143 @@ class Metrics:
         return "\n".join(lines) + "\n"
 
 
-def configure_logging(level: str) -> None:
-    """Our loggers at `level`; reuse the runtime's root handler when there is one."""
+# ---------------------------------------------------------------- logging
+#
+# Two formats. Text (the default, `make run`): `time LEVEL logger message key=value ...`. JSON
+# (Lambda's LogFormat JSON sets AWS_LAMBDA_LOG_FORMAT): one object per line with the keys
+# awslambdaric writes in that mode (timestamp, level, message, logger, requestId, and errorType,
+# errorMessage, stackTrace for an exception) and our fields (`log_fields`) as keys of their own.
+# Under awslambdaric its own root handler and JSON formatter write the lines (and know the request
+# id); under our Runtime API loop the handler below does, with the request id of the invocation
+# each thread serves (`invocation_scope`).
+
+# Every attribute a LogRecord has of its own; the rest came from `extra` (our fields).
+# (awslambdaric's filter adds aws_request_id and tenant_id; its formatter _frame_type.)
+_RUNTIME_ATTRIBUTES = ("message", "asctime", "aws_request_id", "tenant_id", "_frame_type")
+_RECORD_ATTRIBUTES = frozenset(logging.LogRecord("", 0, "", 0, "", None, None).__dict__).union(
+    _RUNTIME_ATTRIBUTES
+)
+
+
+@dataclass
+class Invocation:
+    """One invocation being served: its request id and the metrics recorded while it ran."""
+
+    request_id: str
+    totals: dict[str, float] = field(default_factory=dict)
+
+    def add(self, name: str, value: float) -> None:
+        """Count one recorded metric value towards this invocation."""
+        self.totals[name] = self.totals.get(name, 0.0) + value
+
+
+_CURRENT: ContextVar[Invocation | None] = ContextVar("coldstart_invocation", default=None)
+_IN_FLIGHT: list[Invocation] = []
+_IN_FLIGHT_LOCK = threading.Lock()
+_LOG_FORMAT = {"json": False}  # set once by configure_logging
+
+
+@contextmanager
+def invocation_scope(request_id: str) -> Iterator[Invocation]:
+    """Mark the current thread (and what it runs in its context) as serving `request_id`.
+
+    Re-entering with the same id yields the invocation already in scope (the runtime loop and
+    the app both enter it).
+    """
+    current = _CURRENT.get()
+    if current is not None and current.request_id == request_id:
+        yield current
+        return
+    invocation = Invocation(request_id)
+    token = _CURRENT.set(invocation)
+    with _IN_FLIGHT_LOCK:
+        _IN_FLIGHT.append(invocation)
+    try:
+        yield invocation
+    finally:
+        with _IN_FLIGHT_LOCK:
+            _IN_FLIGHT.remove(invocation)
+        _CURRENT.reset(token)
+
+
+def current_invocation() -> Invocation | None:
+    """The invocation this thread serves; on a thread no invocation started (the engine's, a
+    request pool's) the one in flight when there is exactly one, else None."""
+    invocation = _CURRENT.get()
+    if invocation is not None:
+        return invocation
+    with _IN_FLIGHT_LOCK:
+        return _IN_FLIGHT[0] if len(_IN_FLIGHT) == 1 else None
+
+
+def log_fields(
+    logger: logging.Logger, message: str, level: int = logging.INFO, **fields: Any
+) -> None:
+    """One log line with `fields`: keys of the JSON object in JSON mode, `key=value` text after
+    the message otherwise. Fields are figures and states, never prompts, completions or keys."""
+    if not logger.isEnabledFor(level):
+        return
+    if not _LOG_FORMAT["json"]:
+        message = " ".join([message, *(f"{name}={value}" for name, value in fields.items())])
+    logger.log(level, message, extra=fields)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per record, keyed as awslambdaric's JSON formatter keys it."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        document: dict[str, Any] = {
+            "timestamp": _utc_timestamp(record),
+            "level": record.levelname,
+            "message": record.getMessage(),
+            "logger": record.name,
+        }
+        request_id = getattr(record, "aws_request_id", None) or _current_request_id()
+        if request_id:
+            document["requestId"] = request_id
+        if record.exc_info and record.exc_info[0] is not None:
+            kind, error, trace = record.exc_info
+            document["errorType"] = kind.__name__
+            document["errorMessage"] = str(error)
+            document["stackTrace"] = traceback.format_tb(trace)
+        for name, value in record.__dict__.items():
+            if name not in _RECORD_ATTRIBUTES and name not in document:
+                document[name] = value
+        return json.dumps(document, ensure_ascii=False, default=str)
+
+
+def configure_logging(level: str, log_format: str = "Text") -> None:
+    """Our loggers (`coldstart.*`) at `level`, lines in `log_format` (`Text` or `JSON`).
+
+    Reuses the runtime's root handler when there is one (awslambdaric's, already in that
+    format); otherwise installs one on stderr.
+    """
+    json_mode = log_format.upper() == "JSON"
+    _LOG_FORMAT["json"] = json_mode
+    if json_mode:
+        logging.captureWarnings(True)  # a warning is a log line too, not raw text on stderr
     root = logging.getLogger()
     if not root.handlers:
-        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s %(message)s")
+        handler = logging.StreamHandler()
+        formatter = (
+            JsonLogFormatter()
+            if json_mode
+            else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s")
+        )
+        handler.setFormatter(formatter)
+        root.addHandler(handler)
     logging.getLogger("coldstart").setLevel(level.upper())
+
+
+def _current_request_id() -> str | None:
+    invocation = current_invocation()
+    return invocation.request_id if invocation is not None else None
+
+
+def _utc_timestamp(record: logging.LogRecord) -> str:
+    """ISO 8601 in UTC with milliseconds, e.g. 2026-12-01T14:50:00.123Z."""
+    seconds = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
+    return f"{seconds}.{int(record.msecs):03d}Z"
 
 
 def _snake(name: str) -> str:

@@ -7,6 +7,7 @@ Every invocation, buffered (awslambdaric or our loop) or streamed (our loop), go
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import threading
 import time
@@ -14,12 +15,12 @@ from collections.abc import Awaitable, Callable, MutableMapping
 from typing import TYPE_CHECKING, Any
 
 from handler import deadline as deadlines
-from handler.aws_lambda.events import HTTP_KINDS, EventKind, classify
+from handler.aws_lambda.events import HTTP_KINDS, KEEP_WARM_INPUT, EventKind, classify
 from handler.config import Settings
 from handler.engine import InferenceEngine
 from handler.errors import APIError, InternalError, InvalidRequest
 from handler.service.openai_service import OpenAIService
-from handler.telemetry import Metrics
+from handler.telemetry import Invocation, Metrics, invocation_scope, log_fields
 from handler.web.http import parse_body
 from handler.web.plain_app import PlainApp
 from handler.web.routes import Call, direct_route
@@ -28,6 +29,15 @@ if TYPE_CHECKING:
     from handler.aws_lambda.streaming import ChunkSink
 
 log = logging.getLogger("coldstart.lambda")
+
+UNSUPPORTED_EVENT = (
+    "unrecognised event: expected a function URL, API Gateway or ALB event, a scheduled event "
+    f"(EventBridge rule or Scheduler) or the keep-warm input {json.dumps(KEEP_WARM_INPUT)}, "
+    "or an OpenAI request body (messages, prompt or input)"
+)
+
+# The invoke log line's token counts, from the metrics the service recorded for the invocation.
+TOKEN_FIELDS = {"prompt_tokens": "PromptTokens", "completion_tokens": "CompletionTokens"}
 
 PHASE_METRICS = {
     "resolve_s": "ResolveDuration",
@@ -101,21 +111,18 @@ class LambdaApp:
     def invoke(self, event: Any, context: Any) -> Any:
         """Answer one event with one JSON value."""
         kind = classify(event)
-        started, cold = self._begin()
-        try:
-            if kind in HTTP_KINDS:
-                return self.mangum(event, context)
-            if kind is EventKind.KEEP_WARM:
-                return self.keep_warm(context)
-            if kind is EventKind.DIRECT:
-                return self.direct(event, context)
-            return InvalidRequest(
-                "unrecognised event: expected a function URL, API Gateway, ALB, EventBridge "
-                "scheduled event, or an OpenAI request body (messages, prompt or input)",
-                code="unsupported_event",
-            ).body()
-        finally:
-            self._end(kind, started, cold)
+        with invocation_scope(_request_id(context)) as invocation:
+            started, cold = self._begin()
+            try:
+                if kind in HTTP_KINDS:
+                    return self.mangum(event, context)
+                if kind is EventKind.KEEP_WARM:
+                    return self.keep_warm(context)
+                if kind is EventKind.DIRECT:
+                    return self.direct(event, context)
+                return InvalidRequest(UNSUPPORTED_EVENT, code="unsupported_event").body()
+            finally:
+                self._end(kind, started, cold, invocation)
 
     def stream(
         self,
@@ -131,17 +138,19 @@ class LambdaApp:
         from handler.aws_lambda.streaming import StreamingCycle
 
         kind = classify(event)
-        started, cold = self._begin()
-        try:
-            # The same ASGI app and event translation as the buffered Mangum path.
-            request = self.mangum.infer(event, context)
-            cycle = StreamingCycle(request.scope, request.body, open_sink)
-            loop.run_until_complete(cycle.run(self.asgi))
-        finally:
-            self._end(kind, started, cold)
+        with invocation_scope(_request_id(context)) as invocation:
+            started, cold = self._begin()
+            try:
+                # The same ASGI app and event translation as the buffered Mangum path.
+                request = self.mangum.infer(event, context)
+                cycle = StreamingCycle(request.scope, request.body, open_sink)
+                loop.run_until_complete(cycle.run(self.asgi))
+            finally:
+                self._end(kind, started, cold, invocation)
 
     def keep_warm(self, context: Any) -> dict[str, Any]:
-        """EventBridge ping: load and warm the model, report the state. No HTTP shape."""
+        """A schedule's ping (`events.is_keep_warm`): load and warm the model, report the
+        state. No HTTP shape."""
         try:
             status = self.engine.warm_up(self._deadline(context))
         except APIError as exc:
@@ -185,18 +194,25 @@ class LambdaApp:
             cold, self.cold = self.cold, False
         return time.perf_counter(), cold
 
-    def _end(self, kind: EventKind, started: float, cold: bool) -> None:
+    def _end(self, kind: EventKind, started: float, cold: bool, invocation: Invocation) -> None:
         """Metrics and log line for one invoke; after the cold one, build FastAPI off-path."""
         elapsed = time.perf_counter() - started
         self._emit_metrics(cold, elapsed)
         if cold:
             self._build_full_app_in_background()
-        log.info(
-            "invoke kind=%s cold=%s state=%s duration_ms=%.1f",
-            kind.value,
-            cold,
-            self.engine.state.value,
-            elapsed * 1000,
+        tokens = {
+            field_name: int(invocation.totals[metric])
+            for field_name, metric in TOKEN_FIELDS.items()
+            if metric in invocation.totals
+        }
+        log_fields(
+            log,
+            "invoke",
+            kind=kind.value,
+            cold=cold,
+            state=self.engine.state.value,
+            duration_ms=round(elapsed * 1000, 1),
+            **tokens,
         )
 
     def _emit_metrics(self, cold: bool, invocation_s: float) -> None:
@@ -219,3 +235,8 @@ class LambdaApp:
                 self.metrics.record(metric, value)
         self.metrics.record("QueueDepth", status.queue_depth)
         self.metrics.flush_emf()
+
+
+def _request_id(context: Any) -> str:
+    """The invocation's request id, as the LambdaContext of either runtime carries it."""
+    return str(getattr(context, "aws_request_id", "") or "")

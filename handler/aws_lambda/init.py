@@ -48,7 +48,7 @@ def init(
         settings = settings or load_settings()
     except ConfigError as exc:
         raise InitError(str(exc)) from None
-    configure_logging(settings.log_level)
+    configure_logging(settings.logging_level, settings.aws_lambda_log_format)
     if prefetch is None and settings.prefetch == "auto":
         prefetch = start_prefetch(settings)
     engine = create_engine(settings, prefetch)

@@ -36,6 +36,7 @@ from handler.aws_lambda.runtime_api import (
     RuntimeClient,
     report_init_error,
 )
+from handler.telemetry import invocation_scope
 
 if TYPE_CHECKING:
     from handler.aws_lambda.app import LambdaApp
@@ -93,6 +94,13 @@ class RuntimeLoop:
         self, client: RuntimeClient, invocation: Invocation, loop: asyncio.AbstractEventLoop
     ) -> None:
         """Answer one invocation; any failure becomes this invocation's error, never the loop's."""
+        # Every line logged while it is answered carries its request id (JSON logs).
+        with invocation_scope(invocation.request_id):
+            self._handle(client, invocation, loop)
+
+    def _handle(
+        self, client: RuntimeClient, invocation: Invocation, loop: asyncio.AbstractEventLoop
+    ) -> None:
         started = time.perf_counter()
         context = InvocationContext(invocation, self.settings)
         mode = "buffered"

@@ -67,10 +67,23 @@ def test_function_url_models_and_base64_body(invoke_url):
     assert json.loads(http_body(completion))["object"] == "text_completion"
 
 
-def test_keep_warm_ping_warms_and_reports_state(invoke_url):
-    result = invoke(invoke_url, load_event("eventbridge-keep-warm.json"))
-    assert result["ok"] is True
+KEEP_WARM_EVENTS = [
+    "eventbridge-keep-warm.json",  # an EventBridge rule's scheduled event
+    "scheduler-keep-warm.json",  # EventBridge Scheduler's default notification
+    "scheduler-keep-warm-input.json",  # the Scheduler input template.yaml sends
+]
+
+
+@pytest.mark.parametrize("name", KEEP_WARM_EVENTS)
+def test_keep_warm_ping_warms_a_fresh_function(name):
+    """GIVEN a fresh function (WARMUP=lazy: loaded at init, not warm) WHEN a schedule's ping in
+    one of its documented shapes is its first invoke THEN the ping warmed the model and reports
+    it, with no HTTP shape."""
+    with lambda_emulator() as url:
+        result = invoke(url, load_event(name))
+    assert result["ok"] is True, result
     assert result["state"] == "warm"
+    assert "warmup_s" in result["phases_s"]
     assert result["model"] == "SmolLM2-135M-Instruct.Q4_1"
     assert "statusCode" not in result
 
@@ -90,6 +103,8 @@ def test_bad_direct_invoke_and_unknown_event_are_error_objects(invoke_url):
     assert bad["error"]["param"].startswith("messages")
     unknown = invoke(invoke_url, {"hello": "world"})
     assert unknown["error"]["code"] == "unsupported_event"
+    not_a_schedule = invoke(invoke_url, {"source": "aws.scheduler", "detail-type": "Other"})
+    assert not_a_schedule["error"]["code"] == "unsupported_event"
 
 
 def test_every_event_file_is_accepted(invoke_url):

@@ -3,6 +3,7 @@ value its parameters allow passes Settings' validation."""
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -140,3 +141,96 @@ def test_snapstart_refuses_what_it_cannot_do(template):
     }
     storage = template["Parameters"]["EphemeralStorageMB"]
     assert storage["MinValue"] == 512 and storage["Default"] == 512
+
+
+def condition(template: dict[str, Any], name: str, params: dict[str, str]) -> bool:
+    """Evaluate the template's condition `name` for parameter values `params` (defaults else)."""
+    values = {k: str(v.get("Default", "")) for k, v in template["Parameters"].items()} | params
+
+    def value(node: Any) -> Any:
+        if isinstance(node, dict) and "Ref" in node:
+            return values[node["Ref"]]
+        if isinstance(node, dict):
+            return truth(node)
+        return str(node)
+
+    def truth(node: Any) -> bool:
+        (function, args), *_ = node.items()
+        if function == "Fn::Equals":
+            return bool(value(args[0]) == value(args[1]))
+        if function == "Fn::Not":
+            return not truth(args[0])
+        if function == "Fn::Or":
+            return any(truth(a) for a in args)
+        if function == "Fn::And":
+            return all(truth(a) for a in args)
+        if function == "Fn::Condition":
+            return truth(template["Conditions"][args])
+        pytest.fail(f"no evaluator for {function}: extend condition() in test_template.py")
+
+    return truth(template["Conditions"][name])
+
+
+def keep_warm_schedule(template: dict[str, Any]) -> dict[str, Any]:
+    event = template["Resources"]["ColdstartFunction"]["Properties"]["Events"]["KeepWarm"]
+    assert event["Type"] == "ScheduleV2"  # EventBridge Scheduler, not an EventBridge rule
+    return dict(event["Properties"])
+
+
+def test_keep_warm_schedule_sends_the_ping_the_function_recognises(template):
+    """GIVEN the template's ScheduleV2 WHEN its input is classified THEN it is the keep-warm ping
+    and the sample in events/ is exactly what the schedule sends."""
+    from handler.aws_lambda.events import EventKind, classify
+    from tests.conftest import load_event
+
+    schedule = keep_warm_schedule(template)
+    sent = json.loads(schedule["Input"])
+    assert classify(sent) is EventKind.KEEP_WARM
+    assert sent == load_event("scheduler-keep-warm-input.json")
+
+
+def test_keep_warm_schedule_has_no_window_and_no_retries(template):
+    """GIVEN the schedule WHEN read THEN it fires on time and never retries (a missed ping is
+    harmless, a retried one is waste), at the rate its parameter sets."""
+    schedule = keep_warm_schedule(template)
+    assert schedule["FlexibleTimeWindow"] == {"Mode": "OFF"}
+    assert schedule["RetryPolicy"]["MaximumRetryAttempts"] == 0
+    assert schedule["ScheduleExpression"] == {"Ref": "KeepWarmRate"}
+    assert schedule["State"] == {"Fn::If": ["KeepWarm", "ENABLED", "DISABLED"]}
+    rate = template["Parameters"]["KeepWarmRate"]
+    assert re.fullmatch(rate["AllowedPattern"], rate["Default"])
+
+
+@pytest.mark.parametrize(
+    ("params", "enabled"),
+    [
+        ({}, True),  # auto, on demand: ping
+        ({"ProvisionedConcurrency": "2"}, False),  # frozen warm: no ping
+        ({"SnapStart": "true"}, False),  # restored warm: no ping
+        ({"KeepWarmEnabled": "true", "ProvisionedConcurrency": "2"}, True),
+        ({"KeepWarmEnabled": "true", "SnapStart": "true"}, True),
+        ({"KeepWarmEnabled": "false"}, False),
+    ],
+)
+def test_keep_warm_is_off_by_default_with_provisioned_concurrency_or_snapstart(
+    template, params, enabled
+):
+    """GIVEN the parameters WHEN the KeepWarm condition is evaluated THEN auto pings only an
+    on-demand function; true and false force it."""
+    assert template["Parameters"]["KeepWarmEnabled"]["Default"] == "auto"
+    assert condition(template, "KeepWarm", params) is enabled
+
+
+def test_both_functions_log_json_at_the_levels_parameters_set(template):
+    """GIVEN each function WHEN its LoggingConfig is read THEN the format is JSON (which Lambda
+    Managed Instances require) and both levels come from parameters; every application level
+    the parameter allows is one Settings accepts as AWS_LAMBDA_LOG_LEVEL."""
+    for name, function in functions(template).items():
+        logging_config = function["Properties"]["LoggingConfig"]
+        assert logging_config["LogFormat"] == "JSON", name
+        assert logging_config["ApplicationLogLevel"] == {"Ref": "ApplicationLogLevel"}, name
+        assert logging_config["SystemLogLevel"] == {"Ref": "SystemLogLevel"}, name
+    for level in template["Parameters"]["ApplicationLogLevel"]["AllowedValues"]:
+        settings = load_settings({"AWS_LAMBDA_LOG_FORMAT": "JSON", "AWS_LAMBDA_LOG_LEVEL": level})
+        assert settings.aws_lambda_log_format == "JSON"
+        assert settings.logging_level in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}
