@@ -3,6 +3,12 @@
 MAX_CONCURRENCY requests run on the engine at once (1 for the llama.cpp engine, which runs one
 generation at a time) and MAX_QUEUE more may wait; the next one gets 429 with a Retry-After
 estimated from recent request durations, instead of waiting unboundedly.
+
+A request holds a `Ticket` from admission to its end. The HTTP front doors take it on the event
+loop as the request arrives (`handler.web.dispatch`), before any thread is spent on it, and run
+the handler inside `admitted(ticket)`; the service then `claim()`s that ticket instead of taking
+a second one. Direct invokes and the Runtime API loop call the service without a front door:
+there `claim()` admits the request itself.
 """
 
 from __future__ import annotations
@@ -10,12 +16,40 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
 
 from handler.errors import Overloaded
 
 EWMA_WEIGHT = 0.2
+
+
+class Ticket:
+    """One admitted request's place; `release()` frees it once, from any thread."""
+
+    def __init__(self, admission: Admission) -> None:
+        self.admission = admission
+        self._started = time.monotonic()
+        self._released = False
+        self._lock = threading.Lock()
+
+    @property
+    def released(self) -> bool:
+        """Whether the place was given back."""
+        return self._released
+
+    def release(self) -> None:
+        """Give the place back (later calls do nothing); the duration feeds Retry-After."""
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        self.admission.release(time.monotonic() - self._started)
+
+
+# The ticket a front door admitted the request being handled on this thread with.
+_ADMITTED: ContextVar[Ticket | None] = ContextVar("coldstart_admitted", default=None)
 
 
 class Admission:
@@ -53,28 +87,33 @@ class Admission:
             if duration_s is not None:
                 self._mean_s += EWMA_WEIGHT * (duration_s - self._mean_s)
 
-    def ticket(self) -> Callable[[], None]:
-        """Admit one request now (or raise 429); return its release, safe to call twice."""
+    def ticket(self) -> Ticket:
+        """Admit one request now (or raise 429)."""
         self.acquire()
-        started = time.monotonic()
-        released = False
-        lock = threading.Lock()
+        return Ticket(self)
 
-        def release() -> None:
-            nonlocal released
-            with lock:
-                if released:
-                    return
-                released = True
-            self.release(time.monotonic() - started)
-
-        return release
+    def claim(self) -> Ticket:
+        """The ticket of the request being handled: the one its front door admitted it with
+        (inside `admitted`), else a new one (or 429)."""
+        held = _ADMITTED.get()
+        if held is not None and held.admission is self:
+            return held
+        return self.ticket()
 
     @contextmanager
-    def slot(self) -> Iterator[None]:
-        """Hold one admission for the duration of a block."""
-        release = self.ticket()
+    def admitted(self, ticket: Ticket) -> Iterator[None]:
+        """Handle an already admitted request in this block: `claim()` returns `ticket`."""
+        token = _ADMITTED.set(ticket)
         try:
             yield
         finally:
-            release()
+            _ADMITTED.reset(token)
+
+    @contextmanager
+    def slot(self) -> Iterator[None]:
+        """Hold the request's ticket (`claim()`) for the duration of a block."""
+        ticket = self.claim()
+        try:
+            yield
+        finally:
+            ticket.release()

@@ -104,15 +104,16 @@ class OpenAIService:
     def stream(
         self, shape: ResponseShape[RequestT], req: RequestT, deadline: Deadline
     ) -> ChunkStream:
-        """Validate and start now, then return an iterator of the shape's chunks."""
-        release = self.admission.ticket()
+        """Validate and start now, then return an iterator of the shape's chunks; the request's
+        admission ticket is released when the stream ends or is closed."""
+        ticket = self.admission.claim()
         try:
             prompt, params = self._prepare(shape, req, deadline)
             generation = self.engine.generate(prompt.tokens, params, deadline)
         except BaseException:
-            release()
+            ticket.release()
             raise
-        return ChunkStream(self._chunks(shape, req, generation), release, generation.cancel)
+        return ChunkStream(self._chunks(shape, req, generation), ticket.release, generation.cancel)
 
     def _chunks(
         self, shape: ResponseShape[RequestT], req: RequestT, generation: Generation

@@ -1,9 +1,12 @@
 """Runs a route for every ASGI front door: auth, body, deadline, then the handler, off the event
 loop when it may wait on the model, with a cancel event a hung-up client sets.
 
-Generating routes run on a thread pool of this dispatcher's own, sized by admission control
-(MAX_CONCURRENCY + MAX_QUEUE, plus room to answer 429s), so the routes that must answer at
-once (health, readiness, metrics, models) never wait behind generations on a shared pool.
+A generating request is admitted on the event loop the moment it arrives (429 + Retry-After at
+once past MAX_CONCURRENCY + MAX_QUEUE), before any thread is spent on it. Only then does it go to
+this dispatcher's own thread pool, sized to admission's capacity, so every admitted request runs
+at once, the engine sees the whole queue, and the routes that must answer at once (health,
+readiness, metrics, models) run inline on the loop and never wait behind generations. A streamed
+answer's chunks are produced on the same pool (`sse`), not on anyio's shared 40-thread limiter.
 """
 
 from __future__ import annotations
@@ -11,19 +14,22 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Awaitable, Callable, MutableMapping
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from handler.config import Settings
+from handler.service.admission import Ticket
+from handler.service.chunk_stream import ChunkStream
 from handler.service.openai_service import OpenAIService
-from handler.web.http import check_api_key, parse_body, scope_deadline
+from handler.web.http import check_api_key, parse_body, scope_deadline, sse_lines
 from handler.web.routes import Call, Result, Route
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
 
-# Threads beyond admission's capacity: enough to turn the next requests away with 429 at once.
-REJECTION_THREADS = 4
+# Threads beyond admission's capacity: a stream that just ended may still hold its thread for
+# a moment while the next admitted request starts.
+SPARE_THREADS = 4
 
 
 class Dispatcher:
@@ -33,8 +39,9 @@ class Dispatcher:
         self.service = service
         self.settings = settings
         self.watch_disconnect = watch_disconnect
-        capacity = settings.max_concurrency + settings.max_queue + REJECTION_THREADS
-        self._pool = ThreadPoolExecutor(capacity, thread_name_prefix="coldstart-request")
+        # One thread per admitted request at most (its handler, then its stream's chunks).
+        threads = service.admission.capacity + SPARE_THREADS
+        self._pool = ThreadPoolExecutor(threads, thread_name_prefix="coldstart-request")
 
     def authenticate(self, route: Route, authorization: str | None) -> None:
         """401 unless the route is open or the bearer token matches API_KEY."""
@@ -49,20 +56,84 @@ class Dispatcher:
         return Call(parsed, params, scope_deadline(scope, self.settings))
 
     async def run(self, route: Route, call: Call, receive: Receive | None) -> Result:
-        """The handler's result; a generating route runs off the loop and, with
-        `watch_disconnect`, stops when the client hangs up (`receive` reports it)."""
+        """The handler's result; a generating route is admitted here (or 429), runs off the loop
+        and, with `watch_disconnect`, stops when the client hangs up (`receive` reports it)."""
         if not route.generates:
             return route.handle(self.service, call)
-        loop = asyncio.get_running_loop()
-        if not self.watch_disconnect or receive is None:
-            return await loop.run_in_executor(self._pool, route.handle, self.service, call)
-        cancel = threading.Event()
-        watcher = asyncio.ensure_future(_set_on_disconnect(receive, cancel))
-        try:
+        ticket = self.service.admission.ticket()
+        watcher: asyncio.Future[None] | None = None
+        if self.watch_disconnect and receive is not None:
+            cancel = threading.Event()
+            watcher = asyncio.ensure_future(_set_on_disconnect(receive, cancel))
             call = dataclasses.replace(call, cancel=cancel)
-            return await loop.run_in_executor(self._pool, route.handle, self.service, call)
+        future = self._pool.submit(self._handle, route, call, ticket)
+        try:
+            return await asyncio.wrap_future(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda done: _abandon(done, ticket))
+            raise
         finally:
-            watcher.cancel()
+            if watcher is not None:
+                watcher.cancel()
+
+    def _handle(self, route: Route, call: Call, ticket: Ticket) -> Result:
+        """On a pool thread: the handler of an admitted request. Its ticket is released when
+        the handler is done, unless the result is a stream, which releases it when it ends."""
+        try:
+            with self.service.admission.admitted(ticket):
+                result = route.handle(self.service, call)
+        except BaseException:
+            ticket.release()
+            raise
+        if not isinstance(result, ChunkStream):
+            ticket.release()
+        return result
+
+    async def sse(self, chunks: ChunkStream) -> AsyncIterator[str]:
+        """The server-sent events of a stream, produced on this dispatcher's pool (one thread
+        for the stream's life) and handed to the loop as they come; closes the stream at the
+        end, whatever ends it (the client hanging up included)."""
+        loop = asyncio.get_running_loop()
+        lines: asyncio.Queue[str | None] = asyncio.Queue()
+        self._pool.submit(_pump, chunks, loop, lines)
+        try:
+            while (line := await lines.get()) is not None:
+                yield line
+        finally:
+            chunks.close()
+
+
+def _pump(
+    chunks: ChunkStream, loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None]
+) -> None:
+    """On a pool thread: every SSE line of `chunks` onto `lines`, then None."""
+    try:
+        for line in sse_lines(chunks):
+            if not _hand_over(loop, lines, line):
+                chunks.close()  # the loop is gone: nobody reads this stream any more
+                return
+    finally:
+        _hand_over(loop, lines, None)
+
+
+def _hand_over(
+    loop: asyncio.AbstractEventLoop, lines: asyncio.Queue[str | None], line: str | None
+) -> bool:
+    """Queue `line` on the loop's side; False when the loop is closed."""
+    try:
+        loop.call_soon_threadsafe(lines.put_nowait, line)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _abandon(future: Future[Result], ticket: Ticket) -> None:
+    """The request was cancelled while its handler was queued or running: free its ticket, and
+    stop the stream it started, which nobody will read."""
+    if future.cancelled():
+        ticket.release()
+    elif future.exception() is None and isinstance(result := future.result(), ChunkStream):
+        result.close()
 
 
 async def _set_on_disconnect(receive: Receive, cancel: threading.Event) -> None:

@@ -20,7 +20,7 @@ from handler.service.chunk_stream import ChunkStream
 from handler.service.health import Reply
 from handler.service.openai_service import OpenAIService
 from handler.web.dispatch import Dispatcher
-from handler.web.http import SSE_HEADERS, invalid_request, scope_deadline, sse_lines
+from handler.web.http import SSE_HEADERS, invalid_request, scope_deadline
 from handler.web.routes import ROUTES, Call, Result, Route
 
 log = logging.getLogger("coldstart.api")
@@ -73,11 +73,14 @@ class _TooLarge(Exception):
 
 
 class SSEResponse(StreamingResponse):
-    """Server-sent events from a ChunkStream, closed when the response ends for any reason
-    (a client that hangs up included), so its generation stops and its slot is freed."""
+    """Server-sent events from a ChunkStream, produced on the dispatcher's pool (not anyio's
+    shared thread limiter) and closed when the response ends for any reason (a client that
+    hangs up included), so its generation stops and its admission ticket is freed."""
 
-    def __init__(self, chunks: ChunkStream) -> None:
-        super().__init__(sse_lines(chunks), media_type="text/event-stream", headers=SSE_HEADERS)
+    def __init__(self, chunks: ChunkStream, dispatcher: Dispatcher) -> None:
+        super().__init__(
+            dispatcher.sse(chunks), media_type="text/event-stream", headers=SSE_HEADERS
+        )
         self._chunks = chunks
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -87,10 +90,10 @@ class SSEResponse(StreamingResponse):
             self._chunks.close()
 
 
-def to_response(result: Result) -> Response | dict[str, Any]:
+def to_response(result: Result, dispatcher: Dispatcher) -> Response | dict[str, Any]:
     """A route's result as FastAPI returns it."""
     if isinstance(result, ChunkStream):
-        return SSEResponse(result)
+        return SSEResponse(result, dispatcher)
     if isinstance(result, Reply):
         if isinstance(result.content, str):
             return Response(
@@ -128,8 +131,12 @@ def create_app(service: OpenAIService, watch_disconnect: bool = False) -> FastAP
     return app
 
 
-def _authenticator(dispatcher: Dispatcher, route: Route) -> Callable[[Request], None]:
-    def authenticate(request: Request) -> None:
+def _authenticator(
+    dispatcher: Dispatcher, route: Route
+) -> Callable[[Request], Coroutine[Any, Any, None]]:
+    # async: FastAPI runs a plain function dependency on anyio's shared 40-thread limiter, where
+    # it would wait behind whatever else is there; the check itself is a constant-time compare.
+    async def authenticate(request: Request) -> None:
         dispatcher.authenticate(route, request.headers.get("authorization"))
 
     return authenticate
@@ -145,7 +152,7 @@ def _endpoint(dispatcher: Dispatcher, route: Route) -> Endpoint:
     async def endpoint(request: Request, **kwargs: Any) -> Response | dict[str, Any]:
         body = kwargs.pop("body", None)
         call = Call(body, dict(request.path_params), _deadline(request, dispatcher))
-        return to_response(await dispatcher.run(route, call, request.receive))
+        return to_response(await dispatcher.run(route, call, request.receive), dispatcher)
 
     keyword = inspect.Parameter.KEYWORD_ONLY
     parameters = [inspect.Parameter("request", keyword, annotation=Request)]

@@ -31,7 +31,10 @@ def test_requests_beyond_concurrency_and_queue_get_429_with_retry_after():
             "POST", base + "/v1/completions", json={**COUNTING, "stream": True}
         )
         with streaming as first:
-            next(first.iter_lines())  # the first request is now generating
+            # Keep the iterator: a dropped one closes the connection, and the server, seeing the
+            # client go, frees the slot at once.
+            lines = first.iter_lines()
+            next(lines)  # the first request is now generating
             second = client.post(base + "/v1/completions", json=COUNTING)
             assert second.status_code == 429
             assert int(second.headers["retry-after"]) >= 1

@@ -1,0 +1,167 @@
+"""GIVEN a front door's dispatcher with MAX_CONCURRENCY 1 and MAX_QUEUE 1 WHEN generating requests
+arrive THEN each is admitted on the event loop as it arrives: past capacity the answer is a 429
+with Retry-After at once and its handler never runs; the service claims the ticket its front door
+took instead of a second one; the ticket is released when a buffered answer is done, when the
+handler fails, or when a stream ends; a stream's lines are produced on the dispatcher's own pool.
+Without a front door (direct invokes, the Runtime API loop) the service admits by itself."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+import pytest
+
+from handler.config import load_settings
+from handler.errors import InvalidRequest, Overloaded
+from handler.service.admission import Admission
+from handler.service.chunk_stream import ChunkStream
+from handler.service.openai_service import OpenAIService
+from handler.web.dispatch import Dispatcher
+from handler.web.routes import Call, Route
+
+
+def dispatcher(max_concurrency: int = 1, max_queue: int = 1) -> Dispatcher:
+    settings = load_settings({"MAX_CONCURRENCY": str(max_concurrency), "MAX_QUEUE": str(max_queue)})
+    # The service's engine is never reached by these routes.
+    return Dispatcher(OpenAIService(None, settings), settings, watch_disconnect=False)
+
+
+def generating(handle) -> Route:
+    return Route("POST", "/v1/test", "test", handle, generates=True)
+
+
+async def until(check) -> None:
+    """Yield to the loop until `check()` holds (a poll, not a timed wait)."""
+    for _ in range(2000):
+        if check():
+            return
+        await asyncio.sleep(0.005)
+    raise AssertionError("condition never held")
+
+
+def test_past_capacity_the_next_request_gets_429_at_once_and_never_runs():
+    front = dispatcher(max_concurrency=1, max_queue=1)
+    admission = front.service.admission
+    gate = threading.Event()
+    entered: list[str] = []
+
+    def handle(service, call):
+        entered.append(threading.current_thread().name)
+        gate.wait(30)
+        return {"ok": True}
+
+    route = generating(handle)
+
+    async def scenario():
+        held = [asyncio.ensure_future(front.run(route, Call(), None)) for _ in range(2)]
+        await until(lambda: len(entered) == 2)
+        assert admission.in_flight == 2
+        with pytest.raises(Overloaded) as refused:
+            await front.run(route, Call(), None)
+        assert int(refused.value.headers()["Retry-After"]) >= 1
+        assert len(entered) == 2  # the refused request never reached a thread
+        gate.set()
+        assert [await task for task in held] == [{"ok": True}, {"ok": True}]
+
+    asyncio.run(scenario())
+    assert admission.in_flight == 0
+    assert all(name.startswith("coldstart-request") for name in entered)
+
+
+def test_the_service_claims_the_ticket_its_front_door_took():
+    front = dispatcher()
+    admission = front.service.admission
+    seen: list[int] = []
+
+    def handle(service, call):
+        ticket = service.admission.claim()
+        seen.append(admission.in_flight)
+        ticket.release()  # the service may release it early; the dispatcher's release is a no-op
+        return {}
+
+    asyncio.run(front.run(generating(handle), Call(), None))
+    assert seen == [1]  # one ticket for the request, not two
+    assert admission.in_flight == 0
+
+
+def test_a_failing_handler_gives_its_place_back():
+    front = dispatcher()
+
+    def handle(service, call):
+        raise InvalidRequest("bad")
+
+    with pytest.raises(InvalidRequest):
+        asyncio.run(front.run(generating(handle), Call(), None))
+    assert front.service.admission.in_flight == 0
+
+
+def test_a_stream_holds_its_place_until_it_ends_and_its_lines_come_from_the_pool():
+    front = dispatcher()
+    admission = front.service.admission
+    producers: list[str] = []
+
+    def chunks():
+        for n in (1, 2):
+            producers.append(threading.current_thread().name)
+            yield {"n": n}
+
+    def handle(service, call):
+        return ChunkStream(chunks(), service.admission.claim().release, lambda: None)
+
+    async def scenario():
+        stream = await front.run(generating(handle), Call(), None)
+        assert isinstance(stream, ChunkStream)
+        assert admission.in_flight == 1  # the answer is not over yet
+        return [line async for line in front.sse(stream)]
+
+    lines = asyncio.run(scenario())
+    assert lines == ['data: {"n":1}\n\n', 'data: {"n":2}\n\n', "data: [DONE]\n\n"]
+    assert admission.in_flight == 0
+    assert producers and all(name.startswith("coldstart-request") for name in producers)
+
+
+def test_a_stream_the_client_leaves_is_closed_and_released():
+    front = dispatcher()
+    admission = front.service.admission
+    cancelled = threading.Event()
+
+    def endless():
+        while not cancelled.is_set():
+            yield {"tick": True}
+
+    def handle(service, call):
+        return ChunkStream(endless(), service.admission.claim().release, cancelled.set)
+
+    async def scenario():
+        stream = await front.run(generating(handle), Call(), None)
+        lines = front.sse(stream)
+        await anext(lines)
+        await lines.aclose()  # what the response does when the client hangs up
+
+    asyncio.run(scenario())
+    assert cancelled.is_set()
+    assert admission.in_flight == 0
+
+
+def test_without_a_front_door_the_service_admits_by_itself():
+    admission = Admission(max_concurrency=1, max_queue=0)
+    first = admission.claim()
+    assert admission.in_flight == 1
+    with pytest.raises(Overloaded):
+        admission.claim()
+    first.release()
+    first.release()  # idempotent
+    assert admission.in_flight == 0
+    with admission.slot():
+        assert admission.in_flight == 1
+    assert admission.in_flight == 0
+
+
+def test_a_ticket_is_claimed_only_inside_its_block_and_only_by_its_admission():
+    admission, other = Admission(1, 1), Admission(1, 1)
+    ticket = admission.ticket()
+    with admission.admitted(ticket):
+        assert admission.claim() is ticket
+        assert other.claim() is not ticket  # another service admits for itself
+    assert admission.claim() is not ticket
