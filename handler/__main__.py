@@ -78,12 +78,13 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from handler.engine import create_engine
+    from handler.model_source.prefetch import start_for
     from handler.service.openai_service import OpenAIService
     from handler.telemetry import configure_logging
     from handler.web.fastapi_app import create_app
 
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
-    engine = create_engine(settings)
+    engine = create_engine(settings, start_for(settings))
     engine.start()
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)

@@ -15,9 +15,7 @@ from typing import TYPE_CHECKING
 from handler.aws_lambda import snapstart
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine import EngineState, create_engine
-from handler.model_source import ModelSourceError
-from handler.model_source.prefetch import Prefetch
-from handler.model_source.prefetch import start as prefetch_start
+from handler.model_source.prefetch import Prefetch, start_for
 from handler.telemetry import configure_logging
 
 if TYPE_CHECKING:
@@ -49,8 +47,8 @@ def init(
     except ConfigError as exc:
         raise InitError(str(exc)) from None
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
-    if prefetch is None and settings.prefetch == "auto":
-        prefetch = start_prefetch(settings)
+    if prefetch is None:
+        prefetch = start_for(settings)
     engine = create_engine(settings, prefetch)
     engine.start()  # the mmap load overlaps the imports and the app built below
     from handler.aws_lambda.app import LambdaApp
@@ -80,16 +78,3 @@ def freeze_ready(lambda_app: LambdaApp) -> None:
         snapstart.before_freeze(lambda_app)
     except snapstart.FreezeError as exc:
         raise InitError(str(exc)) from None
-
-
-def start_prefetch(settings: Settings) -> Prefetch | None:
-    """The read-ahead of a local model (None for s3://, whose download reads it anyway)."""
-    if settings.model_uri.startswith("s3://"):
-        return None
-    from handler.model_source import local_path
-
-    try:
-        path = local_path(settings.model_uri)
-    except ModelSourceError:
-        return None  # the model source reports it, with the path
-    return prefetch_start(path, settings.prefetch_readers, settings.prefetch_reserve_mb << 20)

@@ -28,10 +28,13 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import TYPE_CHECKING, BinaryIO
 from urllib.parse import unquote, urlparse
 
 from handler.environment import DEFAULT_MODEL_PATH
+
+if TYPE_CHECKING:
+    from handler.config import Settings
 
 log = logging.getLogger("coldstart.prefetch")
 
@@ -257,6 +260,21 @@ def start(
     if size == 0 or resident >= size * RESIDENT_ENOUGH:
         return None
     return Prefetch(path, readers, memory_budget(reserve_bytes)).start()
+
+
+def start_for(settings: Settings) -> Prefetch | None:
+    """The read-ahead Settings ask for: a local model with PREFETCH=auto (None for `s3://`,
+    whose download reads the file anyway, and for a path the model source will reject)."""
+    if settings.prefetch != "auto" or settings.model_uri.startswith("s3://"):
+        return None
+    from handler.model_source.local_file import local_path
+    from handler.model_source.resolved import ModelSourceError
+
+    try:
+        path = local_path(settings.model_uri)
+    except ModelSourceError:
+        return None  # the model source reports it, with the path
+    return start(path, settings.prefetch_readers, settings.prefetch_reserve_mb << 20)
 
 
 def start_early(environ: Mapping[str, str]) -> Prefetch | None:
