@@ -42,7 +42,7 @@ help:
 	@echo "make lint | make model | make clean"
 	@echo "make image       - build the Lambda container image ($(IMAGE); MODEL_LAYER=baked or none)"
 	@echo "make image-test  - run the image under the real RIE, post every event in events/"
-	@echo "make sam-local EVENT=events/<file>.json - sam build + sam local invoke"
+	@echo "make sam-local EVENT=events/<file>.json [FUNCTION=ColdstartFunction] - sam build + sam local invoke"
 
 $(LLAMA_WHEEL):
 	mkdir -p $(WHEELHOUSE)
@@ -236,10 +236,15 @@ sam-build: venv image-context
 	$(SAM) build
 
 # sam local lets the shell override the template's variables: drop the MODEL_URI this Makefile
-# exports for `make run`, so the image's own model path applies.
+# exports for `make run`, so the image's own model path applies. The template has two functions,
+# so sam needs the logical id: FUNCTION (the CPU function by default; GpuFunction needs
+# SAM_LOCAL_ARGS="--parameter-overrides GpuImageUri=... SubnetIds=... SecurityGroupIds=..." and
+# a GPU). SAM_LOCAL_ARGS: any other `sam local invoke` flags.
+FUNCTION       ?= ColdstartFunction
+SAM_LOCAL_ARGS ?=
 sam-local: sam-build
 	@$(WITH_DOCKER_API) \
-	env -u MODEL_URI $(SAM) local invoke -e $(EVENT)
+	env -u MODEL_URI $(SAM) local invoke $(FUNCTION) -e $(EVENT) $(SAM_LOCAL_ARGS)
 
 lint-infra: venv
 	$(VENV)/bin/cfn-lint template.yaml

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import subprocess
 import time
 from typing import Any
 
@@ -21,6 +22,7 @@ from .conftest import (
     FIRST_EVENT,
     IMAGE,
     INVOKE_PATH,
+    ROOT,
     Container,
     engine,
     load_event,
@@ -30,6 +32,9 @@ from .conftest import (
 )
 
 EVENT_FILES = sorted(p.name for p in EVENTS_DIR.glob("*.json"))
+# sam build (the image again, with the template's build args, mostly from the layer cache) and
+# sam local invoke (which builds its own image on top of that one).
+SAM_LOCAL_TIMEOUT_S = 900
 
 
 # ------------------------------------------------------------------------ response shapes
@@ -114,13 +119,23 @@ def check_http(event: dict[str, Any], response: dict[str, Any]) -> None:
         pytest.fail(f"no check for HTTP path {path}: add one to tests/image/test_image.py")
 
 
+def is_keep_warm(event: dict[str, Any]) -> bool:
+    """A scheduled event (EventBridge rule or Scheduler) or the template's Scheduler input."""
+    scheduled = event.get("source") in {"aws.events", "aws.scheduler"}
+    return scheduled or event.get("coldstart") == "keep-warm"
+
+
+def check_keep_warm(response: dict[str, Any]) -> None:
+    assert response["ok"] is True and response["state"] == "warm", response
+    assert response["lazy_mmap"] is True, "the image preloads the lazy_mmap shim"
+
+
 def check_event_response(event: dict[str, Any], response: Any) -> None:
     """Dispatch on the event's documented fields, like the handler does."""
     if "requestContext" in event:
         check_http(event, response)
-    elif event.get("source") == "aws.events":
-        assert response["ok"] is True and response["state"] == "warm", response
-        assert response["lazy_mmap"] is True, "the image preloads the lazy_mmap shim"
+    elif is_keep_warm(event):
+        check_keep_warm(response)
     elif "messages" in event:
         check_chat(response)
     elif "prompt" in event:
@@ -185,6 +200,52 @@ def test_event(lambda_container: Container, name: str) -> None:
     response = invoke(lambda_container, name)
     FIGURES[f"lambda: warm invoke {name}"] = f"{(time.monotonic() - started) * 1000:.0f} ms"
     check_event_response(load_event(name), response)
+
+
+def test_scheduler_ping_warms_a_fresh_function(config: dict[str, Any]) -> None:
+    """GIVEN the image under the RIE, nothing invoked yet (WARMUP=lazy: loaded, not warm)
+    WHEN the input the template's Scheduler sends arrives first THEN the model is warm."""
+    container = start_under_rie(config["Cmd"])
+    try:
+        container.wait_http("/")
+        response = invoke(container, "scheduler-keep-warm-input.json")
+        check_keep_warm(response)
+        assert "warmup_s" in response["phases_s"], response  # this ping ran the warm-up
+        FIGURES["scheduler ping: container start -> warm"] = f"{container.elapsed():.2f} s"
+    finally:
+        save_logs(container, "scheduler")
+        container.remove()
+
+
+def last_json_object(text: str) -> dict[str, Any]:
+    """The last line of `text` that is a JSON object (sam prints the function's answer there)."""
+    for line in reversed(text.splitlines()):
+        try:
+            value = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(value, dict):
+            return value
+    pytest.fail(f"no JSON answer in:\n{text[-3000:]}")
+
+
+def test_sam_local_invoke_answers_a_chat() -> None:
+    """GIVEN the template, whose two functions make sam ask for a logical id WHEN `make
+    sam-local` runs (sam build, then sam local invoke through podman's Docker API) THEN the
+    default function answers the function URL chat event with a chat completion."""
+    started = time.monotonic()
+    done = subprocess.run(
+        ["make", "--no-print-directory", "sam-local", f"EVENT=events/{FIRST_EVENT}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=SAM_LOCAL_TIMEOUT_S, check=False,
+    )  # fmt: skip
+    log = ROOT / ".cache" / "image-test-sam-local.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(done.stdout + done.stderr)
+    assert done.returncode == 0, f"make sam-local failed ({log}):\n{done.stderr[-3000:]}"
+    FIGURES["make sam-local (sam build cached + sam local invoke)"] = (
+        f"{time.monotonic() - started:.1f} s"
+    )
+    check_http(load_event(FIRST_EVENT), last_json_object(done.stdout))
 
 
 def test_http_server_mode() -> None:
