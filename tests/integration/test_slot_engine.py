@@ -68,6 +68,8 @@ def client(slots):
 def test_ready_with_load_phase_and_readiness(slots, client):
     status = slots.status().as_dict()
     assert status["phases_s"]["load_s"] > 0
+    # Measured at load; status() itself only reads the last figure (it runs on the event loop).
+    assert status["resident"]["bytes"] > 0
     ready = client.get("/readyz")
     assert ready.status_code == 200
     assert ready.json()["state"] in ("ready", "warm")
