@@ -1,21 +1,83 @@
-"""OpenAI request schemas: the subset of each request body we serve, validated by pydantic."""
+"""OpenAI request schemas: the subset of each request body we serve, validated by pydantic.
+
+Every text in a request must be encodable as UTF-8: JSON can carry an unpaired surrogate as a
+`\\u` escape (`"\\ud800"`), Python decodes it into a `str`, and the first `.encode()` on the way to
+the tokenizer fails. One check on the base class closes that class of input for every field of
+every request, present and future, so it is a 400 naming the field wherever the body came from.
+"""
 
 from __future__ import annotations
 
-from typing import Annotated, Literal
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
-class _Request(BaseModel):
+def not_utf8(value: Any) -> str | None:
+    """Why `value` (a string, or any list, dict or model holding strings) cannot be encoded as
+    UTF-8, or None when it can. A Python string fails only on an unpaired surrogate."""
+    found = _first_surrogate(value, ())
+    if found is None:
+        return None
+    path, text, index = found
+    where = f" of item {'.'.join(path)}" if path else ""
+    return f"unpaired surrogate U+{ord(text[index]):04X} at character {index}{where}"
+
+
+def _first_surrogate(value: Any, path: tuple[str, ...]) -> tuple[tuple[str, ...], str, int] | None:
+    """(where inside `value`, the string, the index) of the first unencodable character."""
+    if isinstance(value, str):
+        if value.isascii():  # O(1) in CPython: the common case costs nothing
+            return None
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            return path, value, exc.start
+        return None
+    for key, item in _children(value):
+        found = _first_surrogate(item, (*path, key))
+        if found is not None:
+            return found
+    return None
+
+
+def _children(value: Any) -> Iterable[tuple[str, Any]]:
+    """The items of a container, with their names; a request model checked itself when built."""
+    if isinstance(value, list | tuple):
+        return ((str(i), item) for i, item in enumerate(value))
+    if isinstance(value, dict):
+        return ((str(k), item) for k, item in value.items())
+    if isinstance(value, BaseModel) and not isinstance(value, _Request):
+        return ((name, getattr(value, name)) for name in type(value).model_fields)
+    return ()
+
+
+class _Part(BaseModel):
     # Unknown fields are ignored, as OpenAI-compatible servers do, so newer clients keep working.
     model_config = ConfigDict(extra="ignore")
 
 
-class TextPart(_Request):
-    """One text part of a multi-part message content."""
+class _Request(_Part):
+    """A request body or one of its objects: every field's text must be valid UTF-8."""
+
+    @field_validator("*")
+    @classmethod
+    def _text_is_utf8(cls, value: Any) -> Any:
+        problem = not_utf8(value)
+        if problem is not None:
+            raise PydanticCustomError(
+                "invalid_utf8", "text must be valid UTF-8: {problem}", {"problem": problem}
+            )
+        return value
+
+
+class TextPart(_Part):
+    """One text part of a multi-part message content. Not a `_Request`: the message holding it
+    checks its text, so an error names `messages.N.content`, not a branch of the content union."""
 
     type: Literal["text"]
     text: str
@@ -47,10 +109,10 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-Stop = Annotated[
-    str | Annotated[list[Annotated[str, Field(min_length=1)]], Field(max_length=4)] | None,
-    Field(None),
-]
+# The strings of a union's branches stay unconstrained (`str`, not `Field(min_length=...)`): a
+# constrained string makes pydantic read it itself, and a failure inside one branch is then
+# reported for every branch, first as "stop.str: Input should be a valid string".
+Stop = Annotated[str | Annotated[list[str], Field(max_length=4)] | None, Field(None)]
 
 
 class SamplingRequest(_Request):
@@ -67,6 +129,13 @@ class SamplingRequest(_Request):
     presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
     user: str | None = Field(None, max_length=512)
+
+    @field_validator("stop")
+    @classmethod
+    def _no_empty_stop(cls, value: str | list[str] | None) -> str | list[str] | None:
+        if isinstance(value, list) and not all(value):
+            raise ValueError("stop sequences must not be empty")
+        return value
 
     def stop_list(self) -> tuple[str, ...]:
         """Stop sequences as a tuple."""

@@ -100,6 +100,10 @@ class ChatShape:
             tokens, stops = _drop_old_turns(
                 engine, messages, (tokens, stops), reserve, settings.n_ctx
             )
+        if not tokens:  # role markers make this unreachable today; a template may drop them
+            raise InvalidRequest(
+                "messages render to no tokens: they must have at least one", param="messages"
+            )
         return Prompt(tokens, stops, "messages")
 
     def cache_inputs(self, req: ChatCompletionRequest) -> list[Any]:

@@ -52,18 +52,49 @@ def invalid_request(errors: Sequence[Any]) -> InvalidRequest:
 def parse_body(schema: type[ModelT], body: bytes | dict[str, Any]) -> ModelT:
     """A request body (raw JSON, or an already decoded event payload) validated by `schema`;
     a 400 naming the first bad parameter otherwise."""
+    if not isinstance(body, bytes):
+        return _validated(schema, body)
     try:
-        if isinstance(body, bytes):
-            return schema.model_validate_json(body or b"null")
-        return schema.model_validate(body)
+        return schema.model_validate_json(body or b"null")
+    except ValidationError as exc:
+        errors = exc.errors()
+    if errors and errors[0].get("type") == "json_invalid":
+        decoded = _json_as_fastapi_reads_it(body)
+        if decoded is not _UNREADABLE:
+            return _validated(schema, decoded)
+    raise invalid_request(errors)
+
+
+def _validated(schema: type[ModelT], value: Any) -> ModelT:
+    try:
+        return schema.model_validate(value)
     except ValidationError as exc:
         raise invalid_request(exc.errors()) from None
 
 
+_UNREADABLE = object()
+
+
+def _json_as_fastapi_reads_it(body: bytes) -> Any:
+    """A body pydantic's JSON parser refused, decoded by `json.loads` as the FastAPI app decodes
+    it, or `_UNREADABLE`. They differ on unpaired surrogate escapes (`"\\ud800"`), which only
+    `json.loads` accepts: validating what it reads names the field at fault, as the FastAPI app
+    does, instead of calling the whole body invalid JSON."""
+    try:
+        return json.loads(body)
+    except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        return _UNREADABLE
+
+
 def render_json(content: Any) -> bytes:
     """JSON bytes exactly as Starlette's JSONResponse renders them, so every door answers the
-    same bytes."""
-    return json.dumps(content, ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode()
+    same bytes; text that is not UTF-8 (an unpaired surrogate from an event's path, echoed in an
+    error message) is written as a `\\u` escape instead of failing the response."""
+    options: dict[str, Any] = {"allow_nan": False, "separators": (",", ":")}
+    try:
+        return json.dumps(content, ensure_ascii=False, **options).encode()
+    except UnicodeEncodeError:
+        return json.dumps(content, ensure_ascii=True, **options).encode()
 
 
 def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:

@@ -1,6 +1,9 @@
-"""GIVEN requests generated from the app's own OpenAPI schema (schemathesis, valid and invalid)
-WHEN they reach the HTTP server (on both engines), the Lambda handler's HTTP lanes, the real
-emulator and direct invokes THEN no answer is a 5xx and every rejection is an OpenAI error object.
+"""GIVEN requests generated from the app's own OpenAPI schema (schemathesis, valid and invalid),
+and valid ones whose strings were swapped for hostile text (the whole code space: unpaired
+surrogates, control characters, NUL, one long word, text that tokenizes to nothing)
+WHEN they reach the HTTP server (on both engines), the Lambda handler's HTTP lanes (every event
+source, base64 bodies included), the real emulator and direct invokes
+THEN no answer is a 5xx and every rejection is an OpenAI error object.
 
 Generated bodies are shrunk before they are sent (max_tokens <= 8, short prompts, few messages),
 so the fuzzing exercises validation and shapes rather than decode time.
@@ -8,18 +11,13 @@ so the fuzzing exercises validation and shapes rather than decode time.
 
 from __future__ import annotations
 
-import base64
-import copy
 import json
-import os
-from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import httpx
 import pytest
 import schemathesis
-from hypothesis import HealthCheck, given, note, settings
+from hypothesis import HealthCheck, assume, given, note, settings
 from hypothesis import strategies as st
 from schemathesis.generation.modes import GenerationMode
 
@@ -27,17 +25,32 @@ from handler.aws_lambda.app import LambdaApp
 from handler.config import load_settings
 from handler.engine import EngineState
 from handler.engine.in_process.engine import InProcessEngine
-from tests.conftest import FakeContext, http_app, load_event, make_settings
+from tests.conftest import FakeContext, http_app, make_settings
+from tests.integration.fuzzing import (
+    ANY_CHARACTER,
+    ENV,
+    GENERATION_KEYS,
+    MAX_ITEMS,
+    MAX_TEXT,
+    SOURCES,
+    TEXT_KEYS,
+    assert_openai_error,
+    check_direct,
+    check_http,
+    check_lambda_http,
+    function_url_event,
+    http_event,
+    lambda_http_response,
+    llama_server_env,
+    request_parts,
+    shrink,
+    wire_json,
+    with_hostile_text,
+)
 from tests.integration.servers import http_server, lambda_emulator
 
 pytestmark = pytest.mark.integration
 
-MAX_TOKENS = 8
-MAX_TEXT = 48  # characters of any text the model reads
-MAX_ITEMS = 4  # messages, content parts, embedding inputs
-TEXT_KEYS = ("content", "text", "prompt", "input")
-TOKEN_KEYS = ("max_tokens", "max_completion_tokens")
-GENERATION_KEYS = ("messages", "prompt")
 FUZZ = settings(
     max_examples=60,
     deadline=None,
@@ -45,9 +58,7 @@ FUZZ = settings(
     print_blob=True,
     suppress_health_check=list(HealthCheck),
 )
-# One llama.cpp thread: on a busy machine two threads meeting at every barrier can turn an
-# 8-token answer into tens of seconds; this suite tests answers, not speed.
-ENV = {"N_THREADS": "1"}
+HOSTILE = settings(FUZZ, max_examples=40)
 
 
 def _openapi() -> dict[str, Any]:
@@ -59,35 +70,6 @@ def _openapi() -> dict[str, Any]:
 SCHEMA = schemathesis.openapi.from_dict(_openapi())
 
 
-def shrink(value: Any, key: str | None = None) -> Any:
-    """Cap completion length and text sizes anywhere in a generated body, keep everything else."""
-    if isinstance(value, dict):
-        out = {k: shrink(v, k) for k, v in value.items()}
-        if any(k in out for k in GENERATION_KEYS):
-            for k in TOKEN_KEYS:
-                if _number(out.get(k)) > MAX_TOKENS:
-                    out[k] = MAX_TOKENS
-            if out.get("max_tokens") is None and out.get("max_completion_tokens") is None:
-                out["max_tokens"] = MAX_TOKENS  # else a chat runs to the end of the context
-        return out
-    if isinstance(value, list):
-        limit = MAX_ITEMS if key in (*TEXT_KEYS, "messages") else len(value)
-        return [shrink(v, key) for v in value[:limit]]
-    if isinstance(value, str) and key in TEXT_KEYS:
-        return value[:MAX_TEXT]
-    return value
-
-
-def _number(value: Any) -> float:
-    """What pydantic's lax mode reads as a number (900, 900.0, "900"), else 0."""
-    if isinstance(value, bool) or not isinstance(value, int | float | str):
-        return 0.0
-    try:
-        return float(value)
-    except ValueError:
-        return 0.0
-
-
 @SCHEMA.hook("map_body")
 def _small_bodies(_: Any, body: Any) -> Any:
     return shrink(body)
@@ -96,71 +78,34 @@ def _small_bodies(_: Any, body: Any) -> Any:
 CASES = st.one_of(
     SCHEMA.as_strategy(GenerationMode.POSITIVE), SCHEMA.as_strategy(GenerationMode.NEGATIVE)
 )
+VALID_POSTS = SCHEMA.include(method="POST").as_strategy(GenerationMode.POSITIVE)
 
 
-# ------------------------------------------------------------------ checks
+@st.composite
+def hostile_requests(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid generated POST whose strings are partly hostile text, as wire parts: the JSON
+    escapes every non-ASCII character, or only the unpaired surrogates."""
+    case = draw(VALID_POSTS)
+    if not isinstance(case.body, dict):
+        return request_parts(case)
+    body = draw(with_hostile_text(shrink(case.body)))
+    return request_parts(case, wire_json(body, escape_all=draw(st.booleans())))
 
 
-def assert_openai_error(payload: Any, where: str) -> None:
-    assert isinstance(payload, dict) and set(payload) == {"error"}, f"{where}: {payload!r}"
-    error = payload["error"]
-    assert set(error) == {"message", "type", "param", "code"}, f"{where}: {error!r}"
-    assert isinstance(error["message"], str) and error["message"], where
-    assert isinstance(error["type"], str) and error["type"], where
-    assert error["param"] is None or isinstance(error["param"], str), where
-    assert error["code"] is None or isinstance(error["code"], str), where
+@st.composite
+def hostile_bodies(draw: st.DrawFn) -> dict[str, Any]:
+    """A valid generated body with hostile text, as a direct invoke's payload."""
+    case = draw(VALID_POSTS)
+    assume(isinstance(case.body, dict))
+    return dict(draw(with_hostile_text(shrink(case.body))))
 
 
-def check_http(status: int, content_type: str, body: bytes, where: str) -> None:
-    """No 5xx; a 2xx stream ends with [DONE] and carries no error; any other status is an
-    OpenAI error object."""
-    assert status < 500, f"{where}: {status} {body[:500]!r}"
-    if 200 <= status < 300:
-        if content_type.startswith("text/event-stream"):
-            events = [e[6:] for e in body.decode().split("\n\n") if e.startswith("data: ")]
-            assert events and events[-1] == "[DONE]", f"{where}: {body[-300:]!r}"
-            for event in events[:-1]:
-                assert "error" not in json.loads(event), f"{where}: {event}"
-        return
-    assert content_type.startswith("application/json"), f"{where}: {content_type}"
-    assert_openai_error(json.loads(body), f"{where}: {status}")
-
-
-def request_parts(case: Any) -> dict[str, Any]:
-    """Method, path, query, headers and body bytes of a generated case, as they go on the wire."""
-    kwargs = case.as_transport_kwargs(base_url="http://fuzz")
-    quoted = {k: quote(str(v), safe="") for k, v in (case.path_parameters or {}).items()}
-    request = httpx.Request(
-        kwargs["method"],
-        "http://fuzz" + case.path.format(**quoted),
-        params=kwargs.get("params") or None,
-        headers=kwargs.get("headers") or None,
-        json=kwargs.get("json"),
-        content=kwargs.get("data"),
-    )
-    return {
-        "method": request.method,
-        "path": request.url.raw_path.decode().partition("?")[0],
-        "query": request.url.query.decode(),
-        "headers": dict(request.headers),
-        "body": request.read(),
-    }
+def described(parts: dict[str, Any]) -> str:
+    """A request for a failure message."""
+    return f"{parts['method']} {parts['path']} {parts['body'][:300]!r}"
 
 
 # ------------------------------------------------------------------ server mode
-
-
-def llama_server_env() -> dict[str, str]:
-    """INFERENCE_ENGINE=llama-server with the binary `make bench-anchors` builds."""
-    default = Path.home() / ".cache/coldstart/llama.cpp-build/bin/llama-server"
-    path = Path(os.environ.get("COLDSTART_LLAMA_SERVER", default))
-    if not path.is_file():
-        pytest.fail(f"llama-server missing at {path}: run `make bench-anchors` (make test does)")
-    return {
-        "INFERENCE_ENGINE": "llama-server",
-        "LLAMA_SERVER_BIN": str(path),
-        "PARALLEL_SLOTS": "2",
-    }
 
 
 @pytest.fixture(scope="module", params=["llama", "llama-server"])
@@ -171,52 +116,38 @@ def server(request):
         yield client
 
 
-@FUZZ
-@given(data=st.data())
-def test_server_answers_every_generated_request_without_5xx(server, data):
-    parts = request_parts(data.draw(CASES))
-    where = f"{parts['method']} {parts['path']} {parts['body'][:300]!r}"
-    note(where)
-    response = server.request(
+def send(server: httpx.Client, parts: dict[str, Any]) -> httpx.Response:
+    """Wire parts sent to the server as they are."""
+    return server.request(
         parts["method"],
         parts["path"] + (f"?{parts['query']}" if parts["query"] else ""),
         headers={k: v for k, v in parts["headers"].items() if k not in ("host", "content-length")},
         content=parts["body"],
     )
+
+
+def check_server(response: httpx.Response, where: str) -> None:
     check_http(
         response.status_code, response.headers.get("content-type", ""), response.content, where
     )
 
 
+@FUZZ
+@given(data=st.data())
+def test_server_answers_every_generated_request_without_5xx(server, data):
+    parts = request_parts(data.draw(CASES))
+    note(described(parts))
+    check_server(send(server, parts), described(parts))
+
+
+@HOSTILE
+@given(parts=hostile_requests())
+def test_server_answers_hostile_text_without_5xx(server, parts):
+    note(described(parts))
+    check_server(send(server, parts), described(parts))
+
+
 # ------------------------------------------------------------------ Lambda handler
-
-EVENT = load_event("function-url-chat.json")
-
-
-def function_url_event(
-    method: str, path: str, query: str, headers: dict[str, str], body: bytes
-) -> dict[str, Any]:
-    """`body` sent to `path` as a function URL event (base64 when it is not UTF-8)."""
-    event = copy.deepcopy(EVENT)
-    event["rawPath"] = event["requestContext"]["http"]["path"] = path
-    event["requestContext"]["http"]["method"] = method
-    event["rawQueryString"] = query
-    event["headers"] = {**event["headers"], **{k.lower(): v for k, v in headers.items()}}
-    event["headers"].pop("content-length", None)
-    try:
-        event["body"], event["isBase64Encoded"] = body.decode(), False
-    except UnicodeDecodeError:
-        event["body"], event["isBase64Encoded"] = base64.b64encode(body).decode(), True
-    if not body:
-        event.pop("body")
-    return event
-
-
-def check_lambda_http(result: dict[str, Any], where: str) -> None:
-    body = result.get("body") or ""
-    raw = base64.b64decode(body) if result.get("isBase64Encoded") else body.encode()
-    headers = {k.lower(): v for k, v in (result.get("headers") or {}).items()}
-    check_http(result["statusCode"], headers.get("content-type", ""), raw, where)
 
 
 @pytest.fixture(scope="module")
@@ -250,13 +181,21 @@ def invoke(request, fuzz_engine):
 def test_lambda_function_url_answers_every_generated_request_without_5xx(invoke, data):
     parts = request_parts(data.draw(CASES))
     result = invoke(function_url_event(**parts))
-    check_lambda_http(result, f"{parts['method']} {parts['path']} {parts['body'][:300]!r}")
+    check_lambda_http(result, described(parts))
+
+
+@HOSTILE
+@given(parts=hostile_requests(), source=st.sampled_from(SOURCES), base64_body=st.booleans())
+def test_every_event_source_answers_hostile_text_without_5xx(invoke, parts, source, base64_body):
+    result = invoke(http_event(source, parts, base64_body=base64_body))
+    check_lambda_http(result, f"{source} base64={base64_body} {described(parts)}")
 
 
 @pytest.fixture(scope="module")
 def emulator():
     with lambda_emulator(ENV) as url, httpx.Client(timeout=60) as client:
-        yield lambda event: client.post(url, json=event)
+        # json.dumps escapes what UTF-8 cannot carry; httpx's json= would fail on it.
+        yield lambda event: client.post(url, content=json.dumps(event).encode())
 
 
 @settings(FUZZ, max_examples=25)
@@ -264,16 +203,37 @@ def emulator():
 def test_emulator_answers_every_generated_request_without_5xx(emulator, data):
     # The real path on Lambda: the RIE, awslambdaric, Mangum and back as JSON.
     parts = request_parts(data.draw(CASES))
-    where = f"{parts['method']} {parts['path']} {parts['body'][:300]!r}"
-    note(where)
+    note(described(parts))
     response = emulator(function_url_event(**parts))
-    assert response.status_code == 200, f"{where}: {response.text[:500]}"
-    check_lambda_http(response.json(), where)
+    assert response.status_code == 200, f"{described(parts)}: {response.text[:500]}"
+    check_lambda_http(response.json(), described(parts))
+
+
+@settings(FUZZ, max_examples=15)
+@given(
+    parts=hostile_requests(),
+    source=st.sampled_from(SOURCES),
+    base64_body=st.booleans(),
+    body=hostile_bodies(),
+)
+def test_emulator_answers_hostile_text_without_5xx(emulator, parts, source, base64_body, body):
+    # Each example sends one HTTP event and one direct invoke, both with hostile text.
+    note(described(parts))
+    response = emulator(http_event(source, parts, base64_body=base64_body))
+    assert response.status_code == 200, f"{described(parts)}: {response.text[:500]}"
+    check_lambda_http(response.json(), f"{source} {described(parts)}")
+    response = emulator(body)
+    assert response.status_code == 200, f"direct {body!r:.300}: {response.text[:500]}"
+    check_direct(response.json(), f"direct {body!r:.300}")
 
 
 ROUTES = ["/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/v1/nope"]
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=MAX_TEXT),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(ANY_CHARACTER, max_size=MAX_TEXT),
     lambda inner: (
         st.lists(inner, max_size=MAX_ITEMS)
         | st.dictionaries(st.sampled_from([*GENERATION_KEYS, *TEXT_KEYS, "stream", "role"]), inner)
@@ -304,16 +264,6 @@ def test_lambda_answers_arbitrary_bodies_without_5xx(invoke, method, path, conte
     check_lambda_http(result, f"{method} {path} {content_type!r} {body[:300]!r}")
 
 
-def check_direct(result: Any, where: str) -> None:
-    """A direct invoke answers an OpenAI object, or an OpenAI error object that is not a 5xx."""
-    assert isinstance(result, dict), where
-    if "error" in result:
-        assert_openai_error(result, where)
-        assert result["error"]["type"] != "server_error", f"{where}: {result}"
-    else:
-        assert result.get("object") in ("chat.completion", "text_completion", "list"), where
-
-
 @pytest.fixture(scope="module")
 def direct_app(fuzz_engine):
     return LambdaApp(fuzz_engine, make_settings(**ENV))
@@ -330,6 +280,13 @@ def test_direct_invoke_answers_every_generated_body(direct_app, data):
         return  # not a direct invoke; the HTTP tests cover it
     result = direct_app(body, FakeContext())
     check_direct(result, f"direct {json.dumps(body, default=repr)[:300]}")
+
+
+@HOSTILE
+@given(body=hostile_bodies())
+def test_direct_invoke_answers_hostile_text(direct_app, body):
+    # What json.loads makes of the payload: unpaired surrogates arrive as they are.
+    check_direct(direct_app(body, FakeContext()), f"direct {body!r:.300}")
 
 
 # ------------------------------------------------------------------ what the fuzzing found
@@ -358,3 +315,156 @@ def test_presence_and_frequency_penalties_generate(invoke):
         status, payload = post(invoke, "/v1/chat/completions", {**body, **penalties})
         assert status == 200, payload
         assert payload["usage"]["completion_tokens"] >= 1
+
+
+SURROGATE = "\ud800"  # sent as the JSON escape "\ud800": Python decodes it, UTF-8 cannot hold it
+USER = {"role": "user", "content": "hi"}
+# (route, body, the param its 400 names): the outside fuzz run's 500s, and their neighbours
+BAD_TEXT = [
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": SURROGATE}]},
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": SURROGATE}], "stream": True},
+        "messages.0.content",
+    ),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": SURROGATE}]}]},
+        "messages.0.content",
+    ),
+    ("/v1/chat/completions", {"messages": [USER], "stop": [SURROGATE]}, "stop"),
+    ("/v1/completions", {"prompt": "a" + SURROGATE}, "prompt"),
+    ("/v1/completions", {"prompt": [SURROGATE]}, "prompt"),
+    ("/v1/embeddings", {"input": SURROGATE}, "input"),
+    ("/v1/embeddings", {"input": ["fine", "\udfff"]}, "input"),
+    # Text that tokenizes to nothing: control characters without a token (fuzzing.NO_TOKEN).
+    ("/v1/embeddings", {"input": "\x04"}, "input"),
+    ("/v1/embeddings", {"input": ["fine", "\x13\x1d"]}, "input"),
+    ("/v1/completions", {"prompt": "\x16"}, "prompt"),
+]
+BAD_TEXT_IDS = [
+    f"{path.rsplit('/', 1)[1]}-{param}-{i}" for i, (path, _, param) in enumerate(BAD_TEXT)
+]
+
+
+def assert_400_naming(status: int, payload: Any, param: str, where: str) -> None:
+    assert status == 400, f"{where}: {status} {payload!r:.300}"
+    assert_openai_error(payload, where)
+    assert payload["error"]["param"] == param, f"{where}: {payload}"
+
+
+def json_post(path: str, body: dict[str, Any]) -> dict[str, Any]:
+    """A POST of `body` (non-ASCII as JSON escapes) as wire parts, with a small max_tokens."""
+    return {
+        "method": "POST",
+        "path": path,
+        "query": "",
+        "headers": {"content-type": "application/json"},
+        "body": wire_json({**body, "max_tokens": 4}, escape_all=True),
+    }
+
+
+@pytest.mark.parametrize(("path", "body", "param"), BAD_TEXT, ids=BAD_TEXT_IDS)
+def test_bad_text_is_a_400_naming_the_field_on_the_server(server, path, body, param):
+    """GIVEN text that is not UTF-8 or has no tokens WHEN posted to the HTTP server (either
+    engine; llama-server refuses every embedding, naming input too) THEN a 400 names it."""
+    response = send(server, json_post(path, body))
+    assert_400_naming(response.status_code, response.json(), param, f"server {path}")
+
+
+@pytest.mark.parametrize("base64_body", [False, True], ids=["text-body", "base64-body"])
+@pytest.mark.parametrize("source", SOURCES)
+@pytest.mark.parametrize("case", BAD_TEXT, ids=BAD_TEXT_IDS)
+def test_bad_text_is_a_400_naming_the_field_in_every_event(invoke, source, base64_body, case):
+    """GIVEN the same bodies in every HTTP event source, as text and base64 WHEN the handler
+    answers (plain app and FastAPI) THEN a 400 names the field."""
+    path, body, param = case
+    event = http_event(source, json_post(path, body), base64_body=base64_body)
+    status, _, raw = lambda_http_response(invoke(event))
+    assert_400_naming(status, json.loads(raw), param, f"{source} {path}")
+
+
+@pytest.mark.parametrize(("path", "body", "param"), BAD_TEXT, ids=BAD_TEXT_IDS)
+def test_bad_text_is_a_400_naming_the_field_on_direct_invoke(direct_app, path, body, param):
+    """GIVEN the same bodies as direct invoke payloads (surrogates as json.loads leaves them)
+    WHEN invoked THEN the error object names the field."""
+    if body.get("stream"):
+        return  # a direct invoke cannot stream; that has its own error
+    payload = direct_app({**body, "max_tokens": 4}, FakeContext())
+    assert_openai_error(payload, f"direct {path}")
+    assert payload["error"]["param"] == param, payload
+
+
+@pytest.mark.parametrize(("path", "body", "param"), [BAD_TEXT[0], *BAD_TEXT[4:7]])
+def test_bad_text_is_a_400_under_the_emulator(emulator, path, body, param):
+    """GIVEN the outside fuzz run's bodies WHEN sent through the real RIE as a function URL event
+    (as text and base64) and as a direct invoke THEN each names the field."""
+    for base64_body in (False, True):
+        event = http_event("function-url", json_post(path, body), base64_body=base64_body)
+        status, _, raw = lambda_http_response(emulator(event).json())
+        assert_400_naming(status, json.loads(raw), param, f"emulator {path}")
+    payload = emulator({**body, "max_tokens": 4}).json()
+    assert_openai_error(payload, f"emulator direct {path}")
+    assert payload["error"]["param"] == param, payload
+
+
+def _event_with(where: str) -> dict[str, Any]:
+    """A function URL event with an unpaired surrogate as a character of the event itself, not
+    a JSON escape in the body: AWS never sends one, a hand-made direct invoke can."""
+    path = {"path": f"/v1/{SURROGATE}", "model-id": f"/v1/models/{SURROGATE}"}.get(where)
+    method = "GET" if where == "model-id" else "POST"
+    event = http_event("function-url", json_post(path or "/v1/completions", {"prompt": "Hi"}))
+    event["rawPath"] = event["requestContext"]["http"]["path"]
+    event["requestContext"]["http"]["method"] = method
+    if where == "body":
+        event["body"] = '{"prompt": "' + SURROGATE + '", "max_tokens": 2}'
+    if where == "header":
+        event["headers"]["x-note"] = SURROGATE
+    if where == "query":
+        event["rawQueryString"] = f"q={SURROGATE}"
+    if method == "GET":
+        event.pop("body")
+    return event
+
+
+# Known gaps in modules outside this test's change (reported in issue 16); strict: a fix shows.
+MANGUM_GAP = pytest.mark.xfail(
+    strict=True,
+    raises=UnicodeEncodeError,
+    reason="Mangum's event translation encodes the event's strings and raises; "
+    "handler/aws_lambda/app.py could answer a 400 instead",
+)
+FASTAPI_GAP = pytest.mark.xfail(
+    strict=True,
+    reason="handler/web/fastapi_app.py renders errors with JSONResponse, which cannot encode "
+    "a message that echoes the path; render_json (handler/web/http.py) can",
+)
+
+
+@pytest.mark.parametrize(
+    ("lane", "where"),
+    [
+        ("plain-app", "path"),
+        ("plain-app", "model-id"),
+        pytest.param("fastapi", "path", marks=FASTAPI_GAP),
+        pytest.param("fastapi", "model-id", marks=FASTAPI_GAP),
+        *(
+            pytest.param(lane, where, marks=MANGUM_GAP)
+            for lane in ("plain-app", "fastapi")
+            for where in ("body", "header", "query")
+        ),
+    ],
+)
+def test_event_text_that_is_not_utf8_is_never_a_5xx(fuzz_engine, lane, where):
+    """GIVEN an unpaired surrogate in an HTTP event's path, body, header or query string WHEN
+    the handler answers THEN no 5xx (404 for the paths, echoing it as an escape)."""
+    app = LambdaApp(fuzz_engine, make_settings(**ENV))
+    if lane == "fastapi":
+        app.full_app()
+    else:
+        app.cold = False
+    check_lambda_http(app(_event_with(where), FakeContext()), f"{lane} {where}")

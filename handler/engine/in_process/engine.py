@@ -27,7 +27,7 @@ from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
 from handler.engine.prefix_cache import PrefixStateCache
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.engine.residency import make_resident, residency
-from handler.errors import ContextLengthExceeded
+from handler.errors import ContextLengthExceeded, InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch
 
@@ -316,6 +316,10 @@ class InProcessEngine:
         batches = []
         for i, text in enumerate(texts):
             tokens = self.tokenize(text, add_bos=True)
+            if not tokens:  # only characters without a token ("\x04"): nothing to decode
+                raise InvalidRequest(
+                    f"input[{i}] has no tokens: it must have at least one", param="input"
+                )
             if len(tokens) > self.settings.n_ctx:
                 raise ContextLengthExceeded(
                     f"input[{i}] has {len(tokens)} tokens; the maximum is {self.settings.n_ctx}",
