@@ -6,12 +6,17 @@
   ours with INFERENCE_ENGINE=llama-server (that server behind our adapter), and ours with
   INFERENCE_ENGINE=llama (llama.cpp in our process, one generation at a time).
   For each: load time (spawn to ready), time to first token on the first request (cold) and
-  after it (warm), one stream's decode and prompt tokens/s, and aggregate decode tokens/s at
-  several concurrency levels (../shared/gpu/conc.py: 128 tokens per request).
+  after it (warm), one stream's decode and prompt tokens/s, then steady closed loops per
+  concurrency level, streamed and buffered (bench/p6_load.py): aggregate decode tokens/s, TTFT,
+  latency, and the latency of /healthz and /readyz under that load.
+- Our Runtime API loop (`python -m handler runtime`, INFERENCE_ENGINE=llama-server,
+  AWS_LAMBDA_MAX_CONCURRENCY = the largest runtime level) against bench/runtime_api_server.py
+  handing out as many events at once: function URL events streamed (INVOKE_MODE=RESPONSE_STREAM)
+  and direct invokes buffered, the Lambda Managed Instances path.
 
-Runs on the CPU too (small model, CPU binaries) as a dry run of the same code path:
+Runs on the CPU too (small model, CPU binaries, small levels) as a check of the same code path:
     python -m bench.p6_gpu --model M.gguf --bin ~/.cache/coldstart/llama.cpp-build/bin \
-        --ngl 0 --slots 4 --levels 1 4
+        --ngl 0 --slots 4 --levels 1 4 --runtime-levels 4 --llama-levels 1 --window-s 8
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -29,7 +35,9 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench import p6_load
 from bench.common import ROOT, evict_from_page_cache, free_port, http_ok, poll, serve_command, spawn
+from bench.runtime_api_server import RuntimeAPIServer
 from handler.config import load_settings
 from handler.engine.llama_server.process import server_command
 
@@ -85,19 +93,6 @@ def llama_bench(bin_dir: Path, model: Path, ngl: int) -> dict[str, Any]:
     return result
 
 
-def concurrency(conc: Path, port: int, levels: list[int]) -> dict[str, float]:
-    """Aggregate decode tokens/s per level, from ../shared/gpu/conc.py's output."""
-    url = f"http://127.0.0.1:{port}/v1/completions"
-    out = subprocess.run(
-        [sys.executable, str(conc), url, *map(str, levels)],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout
-    found = re.findall(r"concurrency (\d+): .* = (\d+) tok/s aggregate", out)
-    return {level: float(rate) for level, rate in found}
-
-
 def server_prompt_rate(log: str) -> float | None:
     """Prompt tokens/s as the server itself timed them (long prompts only), from its log:
     llama-server's `prompt eval time` lines, or our `ttft_s` request lines."""
@@ -121,13 +116,36 @@ def gpu_memory_mib() -> float | None:
     return float(out[0]) if out else None
 
 
+def load_levels(
+    port: int, levels: list[int], args: argparse.Namespace, *, probe: bool
+) -> dict[str, Any]:
+    """Closed loops at each level, streamed and buffered; with `probe` (our servers, which have
+    /healthz and /readyz), the latency of those under the load."""
+    body = p6_load.request_body(args.max_tokens)
+    found: dict[str, Any] = {}
+    for mode in args.modes:
+        sender = p6_load.http_sender(port, body, stream=mode == "stream")
+        found[mode] = {
+            str(level): p6_load.closed_loop(
+                sender,
+                level,
+                warmup_s=args.warmup_s,
+                window_s=args.window_s,
+                probe_port=port if probe else None,
+            )
+            for level in levels
+        }
+        print(json.dumps({mode: found[mode]}), flush=True)
+    return found
+
+
 def measure(
     name: str, cmd: list[str], env: dict[str, str], port: int, *, ready_path: str,
-    args: argparse.Namespace,
+    levels: list[int], args: argparse.Namespace,
 ) -> dict[str, Any]:  # fmt: skip
-    """Load, TTFT cold and warm, one stream's rates, then the concurrency levels."""
+    """Load, TTFT cold and warm, one stream's rates, then the closed loops per level."""
     evict_from_page_cache(args.model)
-    log = args.out / f"{re.sub(r'[^a-z0-9]+', '-', name.lower()).strip('-')}.log"
+    log = args.out / f"{slug(name)}.log"
     row: dict[str, Any] = {"name": name, "command": " ".join(cmd)}
     ready_url = f"http://127.0.0.1:{port}{ready_path}"
     # SIGTERM first: our server then stops its own llama-server.
@@ -140,22 +158,84 @@ def measure(
         short = {"prompt": SHORT_PROMPT, "max_tokens": 16, "temperature": 0}
         row["ttft_cold_s"] = stream(port, short)["ttft_s"]
         row["ttft_warm_s"] = statistics.median(stream(port, short)["ttft_s"] for _ in range(5))
-        decode = [stream(port, {**short, "max_tokens": 128}) for _ in range(3)]
+        decode = [stream(port, {**short, "max_tokens": args.decode_tokens}) for _ in range(3)]
         row["decode_tps"] = statistics.median(d["decode_tps"] for d in decode)
         row["decode_tokens"] = [d["completion_tokens"] for d in decode]
         # A fresh first word each time: neither side may reuse a cached prompt.
         prompts = [
             stream(port, {"prompt": f"{i} {PROMPT_TEXT}", "max_tokens": 1, "temperature": 0})
-            for i in range(5)
+            for i in range(args.prompt_rounds)
         ]
         row["prompt_tokens"] = prompts[0]["prompt_tokens"]
         row["prompt_tps"] = statistics.median(p["prompt_tokens"] / p["ttft_s"] for p in prompts)
         row["prompt_tps_server"] = server_prompt_rate(log.read_text(errors="replace"))
-        row["concurrency"] = concurrency(args.conc, port, args.levels)
+        row["levels"] = load_levels(port, levels, args, probe=ready_path == "/readyz")
         row["gpu_memory_mib"] = gpu_memory_mib()
     row["log"] = log.name
     print(json.dumps(row), flush=True)
     return row
+
+
+def measure_runtime(env: dict[str, str], args: argparse.Namespace) -> dict[str, Any]:
+    """Our Runtime API loop with as many workers as the largest level: closed loops of streamed
+    function URL events and buffered direct invokes, handed out by a Runtime API server."""
+    evict_from_page_cache(args.model)
+    workers = max(args.runtime_levels)
+    name = f"ours runtime loop, AWS_LAMBDA_MAX_CONCURRENCY={workers}"
+    log = args.out / "runtime-loop.log"
+    template = json.loads((ROOT / "events/function-url-chat.json").read_text())
+    event = p6_load.function_url_event(template, p6_load.request_body(args.max_tokens))
+    row: dict[str, Any] = {"name": name, "levels": {}}
+    with p6_load.roomy(RuntimeAPIServer(deadline_s=600)) as server:
+        runtime_env = {
+            **env,
+            "INFERENCE_ENGINE": "llama-server",
+            "AWS_LAMBDA_RUNTIME_API": server.address,
+            "AWS_LAMBDA_MAX_CONCURRENCY": str(workers),
+            "INVOKE_MODE": "RESPONSE_STREAM",
+        }
+        cmd = [sys.executable, "-m", "handler", "runtime"]
+        with log.open("wb") as sink, spawn(cmd, runtime_env, log=sink, grace_s=10) as proc:
+            t0 = time.perf_counter()
+            poll(lambda: server.waiting >= workers or proc.poll() is not None, 300, 0.01)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited: see {log}")
+            row["ready_s"] = time.perf_counter() - t0  # init, then every worker on /next
+            for mode in args.modes:
+                sender = p6_load.runtime_sender(server, event, stream=mode == "stream")
+                row["levels"][mode] = {
+                    str(level): p6_load.closed_loop(
+                        sender, level, warmup_s=args.warmup_s, window_s=args.window_s
+                    )
+                    for level in args.runtime_levels
+                }
+                print(json.dumps({mode: row["levels"][mode]}), flush=True)
+            row["gpu_memory_mib"] = gpu_memory_mib()
+            server.close()  # the workers see /next fail and stop; then the process is stopped
+    row["log"] = log.name
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def slug(name: str) -> str:
+    """A file name for a server's log."""
+    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
+
+
+# The key each step leaves in p6.json, for --resume.
+STEPS = {
+    "llama_bench": "bench",
+    "anchor": "anchor",
+    "slots": "slots",
+    "runtime": "runtime",
+    "llama": "llama",
+}
+
+
+def stop_cleanly_on_sigterm() -> None:
+    """p6_gpu.sh's `timeout` sends SIGTERM: exit through the `finally` blocks, so the servers
+    this run started are stopped instead of holding the GPU into the next call."""
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
 
 
 def main() -> None:
@@ -163,23 +243,34 @@ def main() -> None:
     parser.add_argument("--model", type=Path, required=True)
     parser.add_argument("--bin", type=Path, required=True, help="llama-bench, llama-server")
     parser.add_argument("--out", type=Path, default=ROOT / "bench/out/p6")
-    parser.add_argument("--conc", type=Path, default=ROOT.parent / "shared/gpu/conc.py")
     parser.add_argument("--ngl", type=int, default=-1)
     parser.add_argument("--slots", type=int, default=64)
     parser.add_argument("--n-ctx", type=int, default=1024, help="per slot")
     parser.add_argument("--levels", type=int, nargs="+", default=[1, 4, 16, 64])
-    parser.add_argument("--only", nargs="*", default=["bench", "anchor", "slots", "llama"])
+    parser.add_argument("--runtime-levels", type=int, nargs="+", default=[16, 64, 256])
+    parser.add_argument("--llama-levels", type=int, nargs="+", default=[1, 4])
+    parser.add_argument("--modes", nargs="+", default=["stream", "buffered"])
+    parser.add_argument("--max-tokens", type=int, default=128, help="per request")
+    parser.add_argument("--decode-tokens", type=int, default=128, help="one stream's decode")
+    parser.add_argument("--prompt-rounds", type=int, default=5, help="long-prompt requests")
+    parser.add_argument("--warmup-s", type=float, default=3.0, help="per level, not measured")
+    parser.add_argument("--window-s", type=float, default=12.0, help="per level, measured")
+    parser.add_argument(
+        "--only", nargs="*", default=["bench", "anchor", "slots", "runtime", "llama"]
+    )
     parser.add_argument("--resume", action="store_true", help="skip steps already in p6.json")
     args = parser.parse_args()
+    stop_cleanly_on_sigterm()
     args.out.mkdir(parents=True, exist_ok=True)
     results_path = args.out / "p6.json"
     results: dict[str, Any] = json.loads(results_path.read_text()) if results_path.exists() else {}
     results["model"] = {"path": str(args.model), "bytes": args.model.stat().st_size}
+    results["load"] = {
+        "max_tokens": args.max_tokens, "warmup_s": args.warmup_s, "window_s": args.window_s,
+    }  # fmt: skip
     if args.resume:
-        done = {"llama_bench": "bench", "anchor": "anchor", "slots": "slots", "llama": "llama"}
-        args.only = [
-            step for step in args.only if step not in {done[k] for k in results if k in done}
-        ]
+        done = {STEPS[k] for k in results if k in STEPS}
+        args.only = [step for step in args.only if step not in done]
 
     def save() -> None:
         results_path.write_text(json.dumps(results, indent=2))
@@ -195,7 +286,7 @@ def main() -> None:
         "N_GPU_LAYERS": str(args.ngl),
         "LLAMA_SERVER_BIN": str(args.bin / "llama-server"),
         "PARALLEL_SLOTS": str(args.slots),
-        "MAX_QUEUE": "1024",
+        "MAX_QUEUE": str(max(1024, *args.runtime_levels, *args.levels)),
         "LOG_LEVEL": "info",
         "PYTHONUNBUFFERED": "1",
     }
@@ -203,71 +294,105 @@ def main() -> None:
         port = free_port()
         settings = load_settings({**env, "INFERENCE_ENGINE": "llama-server"})
         cmd = server_command(settings, str(args.model), port)
-        results["anchor"] = measure("llama-server", cmd, env, port, ready_path="/health", args=args)
+        results["anchor"] = measure(
+            "llama-server", cmd, env, port, ready_path="/health", levels=args.levels, args=args
+        )
         save()
     if "slots" in args.only:
         port = free_port()
         slots_env = {**env, "INFERENCE_ENGINE": "llama-server"}
         name = "ours INFERENCE_ENGINE=llama-server"
         results["slots"] = measure(
-            name, serve_command(port), slots_env, port, ready_path="/readyz", args=args
-        )
+            name, serve_command(port), slots_env, port, ready_path="/readyz",
+            levels=args.levels, args=args,
+        )  # fmt: skip
+        save()
+    if "runtime" in args.only:
+        results["runtime"] = measure_runtime(env, args)
         save()
     if "llama" in args.only:
         port = free_port()
         llama_env = {**env, "INFERENCE_ENGINE": "llama", "MAX_CONCURRENCY": "1"}
         name = "ours INFERENCE_ENGINE=llama"
         results["llama"] = measure(
-            name, serve_command(port), llama_env, port, ready_path="/readyz", args=args
-        )
+            name, serve_command(port), llama_env, port, ready_path="/readyz",
+            levels=args.llama_levels, args=args,
+        )  # fmt: skip
         save()
     print(report(results))
     (args.out / "p6.md").write_text(report(results))
 
 
 def report(results: dict[str, Any]) -> str:
-    """A markdown table of everything measured, with the ratios the issue asks for."""
+    """Markdown tables of everything measured, with the ratios the issue asks for."""
     lines = []
     bench = results.get("llama_bench", {})
     pp = bench.get("pp512", {}).get("avg_ts")
     tg = bench.get("tg128", {}).get("avg_ts")
     if pp and tg:
         lines.append(f"llama-bench: pp512 {pp:.0f} tok/s, tg128 {tg:.1f} tok/s\n")
-    rows = [results[k] for k in ("anchor", "slots", "llama") if k in results]
-    if not rows:
-        return "\n".join(lines)
-    levels = list(rows[0]["concurrency"])
-    head = ["server", "load s", "TTFT cold ms", "TTFT warm ms", "decode tok/s", "prompt tok/s"]
-    head += [f"x{n} tok/s" for n in levels] + ["GPU MiB"]
-    lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["name"], f"{r['load_s']:.2f}", f"{r['ttft_cold_s'] * 1e3:.1f}"]
-        cells += [
-            f"{r['ttft_warm_s'] * 1e3:.1f}",
-            f"{r['decode_tps']:.1f}",
-            f"{r['prompt_tps']:.0f}",
-        ]
-        cells += [f"{r['concurrency'].get(n, 0):.0f}" for n in levels]
-        cells += [f"{r['gpu_memory_mib']:.0f}" if r.get("gpu_memory_mib") else "-"]
-        lines.append("| " + " | ".join(cells) + " |")
-    anchor = results.get("anchor")
-    for key in ("slots", "llama"):
+    servers = [results[k] for k in ("anchor", "slots", "llama") if k in results]
+    if servers:
+        head = ["server", "load s", "TTFT cold ms", "TTFT warm ms", "decode tok/s", "prompt tok/s"]
+        lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in servers:
+            cells = [r["name"], f"{r['load_s']:.2f}", f"{r['ttft_cold_s'] * 1e3:.1f}"]
+            cells += [f"{r['ttft_warm_s'] * 1e3:.1f}", f"{r['decode_tps']:.1f}"]
+            cells += [f"{r['prompt_tps']:.0f}"]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += level_table(results)
+    for key in ("slots", "runtime", "llama"):
         r = results.get(key)
-        if not r:
-            continue
-        ratios = []
-        if tg:
-            ratios.append(f"decode vs tg128 {r['decode_tps'] / tg:.2f}x")
-        if pp:
-            ratios.append(f"prompt vs pp512 {r['prompt_tps'] / pp:.2f}x")
-        if anchor:
-            ratios += [
-                f"x{n} {r['concurrency'].get(n, 0) / anchor['concurrency'][n]:.2f}x"
-                for n in levels
-                if anchor["concurrency"].get(n)
-            ]
-        lines.append(f"\n{r['name']}: " + ", ".join(ratios) + " (vs llama-server where xN)")
+        if r:
+            lines.append(f"\n{r['name']}: " + ", ".join(ratios(r, results, tg, pp)))
     return "\n".join(lines)
+
+
+def level_table(results: dict[str, Any]) -> list[str]:
+    """One row per server, mode and level: aggregate tokens/s, TTFT and probe latencies."""
+    head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
+    head += ["latency p50 s", "/healthz p50/p99 ms", "/readyz p50/p99 ms", "errors"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for key in ("anchor", "slots", "runtime", "llama"):
+        r = results.get(key)
+        for mode, levels in (r or {}).get("levels", {}).items():
+            for level, f in levels.items():
+                ttft, lat = f.get("ttft_s") or {}, f.get("latency_s") or {}
+                cells = [r["name"], mode, level, f"{f['tokens_per_s']:.0f}"]
+                cells += [ms(ttft.get("p50")), ms(ttft.get("p99")), str(lat.get("p50", "-"))]
+                cells += [probe_cell(f.get("healthz_ms")), probe_cell(f.get("readyz_ms"))]
+                cells += [str(sum(f["errors"].values()))]
+                lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def ratios(
+    r: dict[str, Any], results: dict[str, Any], tg: float | None, pp: float | None
+) -> list[str]:
+    """A server's rates against the anchors: llama-bench, and llama-server at the same level."""
+    found = []
+    if tg and r.get("decode_tps"):
+        found.append(f"decode vs tg128 {r['decode_tps'] / tg:.2f}x")
+    if pp and r.get("prompt_tps"):
+        found.append(f"prompt vs pp512 {r['prompt_tps'] / pp:.2f}x")
+    anchor = results.get("anchor", {}).get("levels", {})
+    for mode, levels in r.get("levels", {}).items():
+        for level, f in levels.items():
+            base = anchor.get(mode, {}).get(level, {}).get("tokens_per_s")
+            if base:
+                found.append(f"{mode} x{level} {f['tokens_per_s'] / base:.2f}x")
+    return [*found, "(xN: vs llama-server alone at the same level and mode)"]
+
+
+def ms(seconds: float | None) -> str:
+    """Seconds as milliseconds for a table cell."""
+    return "-" if seconds is None else f"{seconds * 1e3:.0f}"
+
+
+def probe_cell(found: dict[str, float] | None) -> str:
+    """p50/p99 of a probe's latency."""
+    return "-" if not found else f"{found['p50']:.1f}/{found['p99']:.1f}"
 
 
 if __name__ == "__main__":

@@ -63,7 +63,7 @@ done
 echo "== build and model ready ($((SECONDS - t0))s waited)"; tail -2 "$W/build.log"; ls -la "$W/model.gguf"
 
 timeout $((END - SECONDS)) python3 -m bench.p6_gpu --model "$W/model.gguf" --bin "$BUILD/bin" \
-  --out "$W/out" --conc .gpu/conc.py --resume ${P6_ARGS:-}
+  --out "$W/out" --resume ${P6_ARGS:-}
 rc=$?
 cp "$W/out"/* "$OUT/" 2>/dev/null
 tail -c 20000 "$W/build.log" >"$OUT/build-tail.log"

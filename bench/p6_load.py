@@ -1,0 +1,246 @@
+"""P6's steady load: closed loops per concurrency level, streamed and buffered, against an HTTP
+server (ours or llama-server alone) or our Runtime API loop, with health probes.
+
+A level is N clients, each sending its next request as soon as its previous answer is complete,
+for a warm-up and then a measured window (not one burst: a burst ends with a tail where fewer
+and fewer requests run). The aggregate decode rate counts, of every request that overlaps the
+window, the share of its tokens that falls inside it (its tokens spread evenly over its time).
+Streamed requests give the time to first token. During the window of an HTTP target, /healthz
+and /readyz are probed every PROBE_INTERVAL_S and their latencies reported.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from bench.common import percentiles
+from bench.runtime_api_server import RuntimeAPIServer
+
+# Four probes a second: enough samples per window without loading a small machine with them.
+PROBE_INTERVAL_S = 0.25
+PROMPT = "Once upon a time"
+
+
+@dataclass
+class Sample:
+    """One request as a client saw it."""
+
+    started: float
+    ended: float
+    tokens: int = 0
+    ttft_s: float | None = None
+    error: str | None = None
+
+
+Send = Callable[[], Sample]
+
+
+def request_body(max_tokens: int) -> dict[str, Any]:
+    """The body every target gets (ignore_eos: llama-server honours it; ours has no such field,
+    and a synthetic model's random weights rarely end a text)."""
+    return {"prompt": PROMPT, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+def closed_loop(
+    send: Send,
+    clients: int,
+    *,
+    warmup_s: float,
+    window_s: float,
+    probe_port: int | None = None,
+) -> dict[str, Any]:
+    """`clients` clients sending back to back through the warm-up and the window; the figures."""
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    start = time.perf_counter()
+    window = (start + warmup_s, start + warmup_s + window_s)
+
+    def client() -> None:
+        while time.perf_counter() < window[1]:
+            sample = send()
+            with lock:
+                samples.append(sample)
+
+    threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
+    probes: dict[str, list[float]] = {"healthz": [], "readyz": []}
+    if probe_port is not None:
+        threads.append(
+            threading.Thread(target=probe, args=(probe_port, window, probes), daemon=True)
+        )
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return summarize(samples, window, clients, probes)
+
+
+def summarize(
+    samples: list[Sample],
+    window: tuple[float, float],
+    clients: int,
+    probes: dict[str, list[float]],
+) -> dict[str, Any]:
+    """Aggregate tokens/s in the window, TTFT and latency of the requests begun in it, errors."""
+    ok = [s for s in samples if s.error is None]
+    inside = [s for s in ok if s.started >= window[0]]
+    errors: dict[str, int] = {}
+    for s in samples:
+        if s.error is not None:
+            errors[s.error] = errors.get(s.error, 0) + 1
+    ttfts = [s.ttft_s for s in inside if s.ttft_s is not None]
+    return {
+        "clients": clients,
+        "window_s": round(window[1] - window[0], 3),
+        "tokens_per_s": round(tokens_in(ok, window) / (window[1] - window[0]), 1),
+        "requests": len(samples),
+        "errors": errors,
+        "ttft_s": percentiles(ttfts) if ttfts else None,
+        "latency_s": percentiles([s.ended - s.started for s in inside]) if inside else None,
+        **{f"{name}_ms": ms_percentiles(values) for name, values in probes.items() if values},
+    }
+
+
+def tokens_in(samples: list[Sample], window: tuple[float, float]) -> float:
+    """Tokens generated inside the window, each request's spread evenly over its duration."""
+    total = 0.0
+    for s in samples:
+        overlap = min(s.ended, window[1]) - max(s.started, window[0])
+        if overlap > 0 and s.ended > s.started:
+            total += s.tokens * overlap / (s.ended - s.started)
+    return total
+
+
+def ms_percentiles(values_s: list[float]) -> dict[str, float] | None:
+    """Percentiles of durations in seconds, in milliseconds."""
+    found = percentiles(values_s)
+    return {k: round(v * 1000, 2) for k, v in found.items()} if found else None
+
+
+def probe(port: int, window: tuple[float, float], out: dict[str, list[float]]) -> None:
+    """Time GET /healthz and /readyz, alternately, every PROBE_INTERVAL_S inside the window."""
+    while time.perf_counter() < window[0]:
+        time.sleep(PROBE_INTERVAL_S)
+    paths = ["healthz", "readyz"]
+    i = 0
+    while time.perf_counter() < window[1]:
+        path = paths[i % 2]
+        i += 1
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        started = time.perf_counter()
+        try:
+            conn.request("GET", f"/{path}")
+            conn.getresponse().read()
+            out[path].append(time.perf_counter() - started)
+        except OSError:
+            pass  # a probe that fails is absent from the figures, as it would be from a kubelet's
+        finally:
+            conn.close()
+        time.sleep(PROBE_INTERVAL_S)
+
+
+# ----------------------------------------------------------------------------- HTTP targets
+
+
+def http_sender(port: int, body: dict[str, Any], stream: bool) -> Send:
+    """A client of POST /v1/completions, streamed (SSE with usage) or buffered."""
+
+    def send() -> Sample:
+        started = time.perf_counter()
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        try:
+            payload = {**body, "stream": stream}
+            if stream:
+                payload["stream_options"] = {"include_usage": True}
+            conn.request(
+                "POST", "/v1/completions", json.dumps(payload), {"Content-Type": "application/json"}
+            )
+            response = conn.getresponse()
+            if response.status != 200:
+                response.read()
+                return Sample(started, time.perf_counter(), error=f"http_{response.status}")
+            if not stream:
+                usage = json.loads(response.read()).get("usage") or {}
+                return Sample(started, time.perf_counter(), int(usage.get("completion_tokens", 0)))
+            return read_sse(response, started)
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            return Sample(started, time.perf_counter(), error=type(exc).__name__)
+        finally:
+            conn.close()
+
+    return send
+
+
+def read_sse(lines: Any, started: float) -> Sample:
+    """A streamed completion: first text chunk, tokens from the usage chunk (else chunks)."""
+    first: float | None = None
+    chunks = 0
+    usage: dict[str, Any] = {}
+    for line in lines:
+        if not line.startswith(b"data: {"):
+            continue
+        chunk = json.loads(line[6:])
+        usage = chunk.get("usage") or usage
+        if chunk.get("choices") and chunk["choices"][0].get("text"):
+            chunks += 1
+            first = first or time.perf_counter()
+    tokens = int(usage.get("completion_tokens") or chunks)
+    ttft = None if first is None else first - started
+    return Sample(started, time.perf_counter(), tokens, ttft)
+
+
+# ----------------------------------------------------------------------------- Runtime API loop
+
+
+def roomy(server: RuntimeAPIServer) -> RuntimeAPIServer:
+    """The server with a listen backlog for hundreds of workers: each streamed response is a new
+    connection, and a full backlog (http.server's default is 5) drops SYNs that come back only
+    after a second, which would be measured as our latency."""
+    server._httpd.socket.listen(1024)
+    return server
+
+
+def runtime_sender(server: RuntimeAPIServer, url_event: dict[str, Any], stream: bool) -> Send:
+    """A client of our Runtime API loop: a function URL event streamed (INVOKE_MODE
+    RESPONSE_STREAM), or a direct invoke (the OpenAI body as the payload) answered buffered."""
+
+    def send() -> Sample:
+        started = time.perf_counter()
+        try:
+            if stream:
+                result = server.result(server.invoke(url_event))
+                _, body = result.split_prelude()
+                sample = read_sse(body.split(b"\n\n"), started)
+                first = next((t for t, data in result.chunks if b'"text":"' in data), None)
+                sample.ttft_s = None if first is None else first - started
+                sample.ended = result.done_at
+                return sample
+            payload = json.loads(url_event["body"])
+            result = server.result(server.invoke({**payload, "stream": False}))
+            answer = result.json()
+            if "error" in answer or result.kind != "response":
+                return Sample(started, result.done_at, error="invoke_error")
+            tokens = int(answer["usage"]["completion_tokens"])
+            return Sample(started, result.done_at, tokens)
+        except (TimeoutError, ValueError, KeyError, AssertionError) as exc:
+            return Sample(started, time.perf_counter(), error=type(exc).__name__)
+
+    return send
+
+
+def function_url_event(template: dict[str, Any], body: dict[str, Any]) -> dict[str, Any]:
+    """A function URL event (events/function-url-chat.json's shape) for POST /v1/completions."""
+    event = json.loads(json.dumps(template))
+    event["rawPath"] = "/v1/completions"
+    event["requestContext"]["http"]["path"] = "/v1/completions"
+    event["body"] = json.dumps({**body, "stream": True})
+    event["isBase64Encoded"] = False
+    return event
