@@ -21,7 +21,7 @@ from handler.engine import InferenceEngine
 from handler.errors import APIError, InternalError, InvalidRequest
 from handler.service.openai_service import OpenAIService
 from handler.telemetry import Invocation, Metrics, invocation_scope, log_fields
-from handler.web.http import parse_body
+from handler.web.http import parse_body, render_json
 from handler.web.plain_app import PlainApp
 from handler.web.routes import Call, direct_route
 
@@ -115,7 +115,10 @@ class LambdaApp:
             started, cold = self._begin()
             try:
                 if kind in HTTP_KINDS:
-                    return self.mangum(event, context)
+                    try:
+                        return self.mangum(event, context)
+                    except UnicodeEncodeError:
+                        return undecodable_http_event(kind)
                 if kind is EventKind.KEEP_WARM:
                     return self.keep_warm(context)
                 if kind is EventKind.DIRECT:
@@ -142,8 +145,13 @@ class LambdaApp:
             started, cold = self._begin()
             try:
                 # The same ASGI app and event translation as the buffered Mangum path.
-                request = self.mangum.infer(event, context)
-                cycle = StreamingCycle(request.scope, request.body, open_sink)
+                try:
+                    request = self.mangum.infer(event, context)
+                    scope, body = request.scope, request.body  # encoded here, lazily
+                except UnicodeEncodeError:
+                    send_undecodable(open_sink())
+                    return
+                cycle = StreamingCycle(scope, body, open_sink)
                 loop.run_until_complete(cycle.run(self.asgi))
             finally:
                 self._end(kind, started, cold, invocation)
@@ -240,3 +248,35 @@ class LambdaApp:
 def _request_id(context: Any) -> str:
     """The invocation's request id, as the LambdaContext of either runtime carries it."""
     return str(getattr(context, "aws_request_id", "") or "")
+
+
+def _undecodable_error() -> InvalidRequest:
+    return InvalidRequest(
+        "the event's path, query string, headers or body hold text that is not valid UTF-8 "
+        "(an unpaired surrogate)",
+        code="invalid_encoding",
+    )
+
+
+def undecodable_http_event(kind: EventKind) -> dict[str, Any]:
+    """The 400 for an HTTP event whose strings Mangum cannot encode (unpaired surrogates)."""
+    error = _undecodable_error()
+    response: dict[str, Any] = {
+        "statusCode": error.status,
+        "headers": {"content-type": "application/json"},
+        "body": render_json(error.body()).decode(),
+        "isBase64Encoded": False,
+    }
+    if kind is EventKind.ALB:
+        response["statusDescription"] = "400 Bad Request"
+    return response
+
+
+def send_undecodable(sink: ChunkSink) -> None:
+    """The same 400 as a streamed response (prelude, then the body)."""
+    from handler.aws_lambda.streaming import prelude
+
+    error = _undecodable_error()
+    sink.write(prelude(error.status, [(b"content-type", b"application/json")]))
+    sink.write(render_json(error.body()))
+    sink.close()

@@ -20,15 +20,21 @@ from handler.service.chunk_stream import ChunkStream
 from handler.service.health import Reply
 from handler.service.openai_service import OpenAIService
 from handler.web.dispatch import Dispatcher
-from handler.web.http import SSE_HEADERS, invalid_request, scope_deadline
+from handler.web.http import SSE_HEADERS, invalid_request, render_json, scope_deadline
 from handler.web.routes import ROUTES, Call, Result, Route
 
 log = logging.getLogger("coldstart.api")
 
 
-def error_response(error: APIError) -> JSONResponse:
-    """An OpenAI error object with the error's status and headers."""
-    return JSONResponse(error.body(), status_code=error.status, headers=error.headers())
+def error_response(error: APIError) -> Response:
+    """An OpenAI error object with the error's status and headers, rendered by `render_json`
+    (which escapes what JSONResponse cannot encode: a message echoing an unpaired surrogate)."""
+    return Response(
+        render_json(error.body()),
+        status_code=error.status,
+        headers=error.headers(),
+        media_type="application/json",
+    )
 
 
 class BodySizeLimit:
@@ -176,15 +182,15 @@ def _path_parameters(template: str) -> list[str]:
 
 def _add_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
-    async def _api_error(_: Request, exc: APIError) -> JSONResponse:
+    async def _api_error(_: Request, exc: APIError) -> Response:
         return error_response(exc)
 
     @app.exception_handler(RequestValidationError)
-    async def _validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+    async def _validation_error(_: Request, exc: RequestValidationError) -> Response:
         return error_response(invalid_request(exc.errors()))
 
     @app.exception_handler(StarletteHTTPException)
-    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> Response:
         if exc.status_code == 404:
             return error_response(NotFound(f"Unknown route: {request.method} {request.url.path}"))
         if exc.status_code == 405:
@@ -194,6 +200,6 @@ def _add_error_handlers(app: FastAPI) -> None:
         return error_response(APIError(str(exc.detail), status=exc.status_code))
 
     @app.exception_handler(Exception)
-    async def _unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def _unexpected(_: Request, exc: Exception) -> Response:
         log.exception("unexpected error")
         return error_response(InternalError("internal error"))

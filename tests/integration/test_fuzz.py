@@ -431,32 +431,12 @@ def _event_with(where: str) -> dict[str, Any]:
     return event
 
 
-# Known gaps in modules outside this test's change (reported in issue 16); strict: a fix shows.
-MANGUM_GAP = pytest.mark.xfail(
-    strict=True,
-    raises=UnicodeEncodeError,
-    reason="Mangum's event translation encodes the event's strings and raises; "
-    "handler/aws_lambda/app.py could answer a 400 instead",
-)
-FASTAPI_GAP = pytest.mark.xfail(
-    strict=True,
-    reason="handler/web/fastapi_app.py renders errors with JSONResponse, which cannot encode "
-    "a message that echoes the path; render_json (handler/web/http.py) can",
-)
-
-
 @pytest.mark.parametrize(
     ("lane", "where"),
     [
-        ("plain-app", "path"),
-        ("plain-app", "model-id"),
-        pytest.param("fastapi", "path", marks=FASTAPI_GAP),
-        pytest.param("fastapi", "model-id", marks=FASTAPI_GAP),
-        *(
-            pytest.param(lane, where, marks=MANGUM_GAP)
-            for lane in ("plain-app", "fastapi")
-            for where in ("body", "header", "query")
-        ),
+        (lane, where)
+        for lane in ("plain-app", "fastapi")
+        for where in ("path", "model-id", "body", "header", "query")
     ],
 )
 def test_event_text_that_is_not_utf8_is_never_a_5xx(fuzz_engine, lane, where):

@@ -262,3 +262,16 @@ def test_init_failure_is_one_line_on_the_init_error_endpoint(env, expected):
     assert error.headers["lambda-runtime-function-error-type"] == "Runtime.InitError"
     message = error.json()["errorMessage"]
     assert expected in message and "\n" not in message
+
+
+def test_a_streamed_event_with_text_that_is_not_utf8_is_a_400_not_an_error(runtime):
+    """GIVEN a function URL event whose body holds an unpaired surrogate WHEN it arrives in
+    RESPONSE_STREAM mode THEN the stream carries a 400 OpenAI error, not an invocation error."""
+    server, _ = runtime()
+    event = url_event(stream=True)
+    event["body"] = event["body"].replace("}", ', "user": "\ud800"}', 1)
+    result = server.result(server.invoke(event))
+    check_streaming_headers(result)
+    prelude, body = result.split_prelude()
+    assert prelude["statusCode"] == 400
+    assert json.loads(body)["error"]["code"] == "invalid_encoding"
