@@ -8,6 +8,8 @@ shim that keeps llama.cpp's mmap from reading the whole file at load is in this 
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -48,3 +50,49 @@ def make_resident(path: Path, prefetch: Prefetch | None, settings: Settings) -> 
 def reserve_bytes(settings: Settings) -> int:
     """Bytes the prefetch leaves free."""
     return settings.prefetch_reserve_mb << 20
+
+
+# status() (so /readyz and /metrics, on the event loop) reports the model's page-cache residency.
+# mincore over the whole file costs about 4 ms per 100 MB here, a tenth of a second for a 2.35 GB
+# model: status() reports the last figure and refreshes it in the background when it is older.
+RESIDENCY_REFRESH_S = 5.0
+
+
+class ResidencyCache:
+    """The last residency figure of one file, refreshed in the background when stale; the first
+    call (nothing known yet) measures at once."""
+
+    def __init__(self) -> None:
+        self._path: Path | None = None
+        self._value: dict[str, Any] = {}
+        self._at = -RESIDENCY_REFRESH_S
+        self._pending = False
+        self._lock = threading.Lock()
+
+    def get(self, path: Path) -> dict[str, Any]:
+        """`residency(path)`, at most RESIDENCY_REFRESH_S old."""
+        with self._lock:
+            if self._path != path:
+                self._path, self._value, self._at = path, {}, -RESIDENCY_REFRESH_S
+            first = not self._value and not self._pending
+            stale = time.monotonic() - self._at >= RESIDENCY_REFRESH_S
+            start = stale and not self._pending and not first
+            self._pending = self._pending or start or first
+        if first:
+            self.refresh(path)
+        elif start:
+            threading.Thread(
+                target=self.refresh, args=(path,), name="coldstart-residency", daemon=True
+            ).start()
+        return self._value
+
+    def refresh(self, path: Path) -> None:
+        """Measure now (on any thread but the event loop, unless nothing is known yet)."""
+        try:
+            value = residency(path)
+            with self._lock:
+                if self._path in (None, path):
+                    self._path, self._value, self._at = path, value, time.monotonic()
+        finally:
+            with self._lock:
+                self._pending = False

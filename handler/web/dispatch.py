@@ -12,6 +12,7 @@ answer's chunks are produced on the same pool (`sse`), not on anyio's shared 40-
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -66,7 +67,9 @@ class Dispatcher:
             cancel = threading.Event()
             watcher = asyncio.ensure_future(_set_on_disconnect(receive, cancel))
             call = dataclasses.replace(call, cancel=cancel)
-        future = self._pool.submit(self._handle, route, call, ticket)
+        # The caller's context (the invocation's request id for the logs) goes along.
+        context = contextvars.copy_context()
+        future = self._pool.submit(context.run, self._handle, route, call, ticket)
         try:
             return await asyncio.wrap_future(future)
         except asyncio.CancelledError:
@@ -95,7 +98,7 @@ class Dispatcher:
         end, whatever ends it (the client hanging up included)."""
         loop = asyncio.get_running_loop()
         lines: asyncio.Queue[str | None] = asyncio.Queue()
-        self._pool.submit(_pump, chunks, loop, lines)
+        self._pool.submit(contextvars.copy_context().run, _pump, chunks, loop, lines)
         try:
             while (line := await lines.get()) is not None:
                 yield line

@@ -22,11 +22,11 @@ from handler import deadline as deadlines
 from handler.config import Settings, available_cpus
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
+from handler.engine.engine_base import EngineBase
 from handler.engine.generation import Generation, SamplingParams, StopMatcher
-from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
+from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.prefix_cache import PrefixStateCache
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
-from handler.engine.residency import make_resident, residency
 from handler.errors import ContextLengthExceeded, InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch
@@ -36,7 +36,7 @@ log = logging.getLogger("coldstart.engine")
 CHAT_TEMPLATE_KEY = "tokenizer.chat_template"
 
 
-class InProcessEngine:
+class InProcessEngine(EngineBase):
     """Loads the model on its own thread and runs every llama.cpp call there."""
 
     def __init__(
@@ -45,12 +45,8 @@ class InProcessEngine:
         resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
         prefetch: Prefetch | None = None,
     ) -> None:
-        self.settings = settings
-        self.lifecycle = Lifecycle()
-        self.prefetch = prefetch  # reading the model ahead since init began, if it is local
+        super().__init__(settings, resolver, prefetch)
         self.threads = settings.n_threads
-        self._resolver = resolver
-        self._model: ResolvedModel | None = None
         self._backend: Any = None  # handler.engine.in_process.bindings, imported on the thread
         self._model_handle: Any = None  # bindings.Model
         self._context: Any = None  # bindings.Context for generation
@@ -60,42 +56,13 @@ class InProcessEngine:
 
     # ----------------------------------------------------------------- lifecycle
 
-    @property
-    def state(self) -> EngineState:
-        """The lifecycle state."""
-        return self.lifecycle.state
+    def _queue_depth(self) -> int:
+        """Jobs waiting for the engine thread."""
+        return self._jobs.qsize()
 
-    def start(self) -> None:
-        """Start the engine thread, which resolves and loads the model, then serves jobs."""
-        self.lifecycle.start(self._run, name="coldstart-engine")
-
-    def wait_loaded(self, timeout_s: float | None) -> EngineState:
-        """Block until the model is loaded or failed, or until `timeout_s`; return the state."""
-        return self.lifecycle.wait_loaded(timeout_s)
-
-    def require_loaded(self, deadline: Deadline) -> None:
-        """Wait for the model until `deadline` at most; 503 if it is not there."""
-        self.lifecycle.require_loaded(deadline, self.start)
-
-    def status(self) -> EngineStatus:
-        """Current state and what is known about the model."""
-        model = self._model
+    def _status_extra(self) -> dict[str, Any]:
         cache = self._prompt_cache_stats()
-        return EngineStatus(
-            state=self.lifecycle.state,
-            reason=self.lifecycle.reason,
-            model_id=self.settings.model_id,
-            model_path=str(model.path) if model else None,
-            model_bytes=model.size_bytes if model else None,
-            phases=self.lifecycle.phases,
-            queue_depth=self._jobs.qsize(),
-            download=self.lifecycle.download,
-            extra={
-                **({"resident": residency(model.path)} if model else {}),
-                **({"prefetch": self.prefetch.status()} if self.prefetch else {}),
-                **({"prompt_cache": cache} if cache else {}),
-            },
-        )
+        return {"prompt_cache": cache} if cache else {}
 
     def _prompt_cache_stats(self) -> dict[str, int] | None:
         cache = self._context.prefix_cache if self._context is not None else None
@@ -115,12 +82,6 @@ class InProcessEngine:
             if self.lifecycle.state is EngineState.READY:
                 self._submit(self._warm_up_on_engine_thread).result()
         return self.status()
-
-    def make_resident(self) -> int:
-        """Read the whole model file into the page cache (finishing the init prefetch)."""
-        self.lifecycle.require_usable()
-        assert self._model is not None
-        return make_resident(self._model.path, self.prefetch, self.settings)
 
     def restored(self) -> None:
         """After a restore: as many llama.cpp threads as this machine's CPUs, unless N_THREADS

@@ -28,8 +28,9 @@ from handler import deadline as deadlines
 from handler.config import Settings
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
+from handler.engine.engine_base import EngineBase
 from handler.engine.generation import Generation, SamplingParams, StopMatcher
-from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
+from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.llama_server.process import (
     LlamaServer,
     ServerError,
@@ -38,21 +39,17 @@ from handler.engine.llama_server.process import (
 )
 from handler.engine.llama_server.sampling import completion_body
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
-from handler.engine.residency import make_resident, residency
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch
 
 log = logging.getLogger("coldstart.llama_server")
 
-# status() (so /readyz and /metrics, on the event loop) reports the model's page-cache residency.
-# mincore over the whole file costs about 4 ms per 100 MB here, a tenth of a second for a 2.35 GB
-# model: status() reports the last figure and refreshes it in the background when it is older.
-RESIDENCY_REFRESH_S = 5.0
 
-
-class LlamaServerEngine:
+class LlamaServerEngine(EngineBase):
     """The engine contract, served by a llama-server child process."""
+
+    thread_name = "coldstart-slots"
 
     def __init__(
         self,
@@ -60,57 +57,18 @@ class LlamaServerEngine:
         resolver: Callable[[Settings, Progress], ResolvedModel] = resolve_model,
         prefetch: Prefetch | None = None,
     ) -> None:
-        self.settings = settings
-        self.lifecycle = Lifecycle()
-        self.prefetch = prefetch  # reading the model ahead since init began, if it is local
-        self._resolver = resolver
-        self._model: ResolvedModel | None = None
+        super().__init__(settings, resolver, prefetch)
         self._server: LlamaServer | None = None
         self._chat_template: ChatTemplate | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._closing = False
-        self._resident: dict[str, Any] = {}
-        self._resident_at = -RESIDENCY_REFRESH_S
-        self._resident_pending = False
-        self._resident_lock = threading.Lock()
 
     # ----------------------------------------------------------------- lifecycle
 
-    @property
-    def state(self) -> EngineState:
-        """The lifecycle state."""
-        return self.lifecycle.state
-
-    def start(self) -> None:
-        """Resolve the model and start llama-server on a background thread."""
-        self.lifecycle.start(self._run, name="coldstart-slots")
-
-    def wait_loaded(self, timeout_s: float | None) -> EngineState:
-        """Block until the server is ready or failed, or until `timeout_s`; return the state."""
-        return self.lifecycle.wait_loaded(timeout_s)
-
-    def require_loaded(self, deadline: Deadline) -> None:
-        """Wait for the server until `deadline` at most; 503 if it is not there."""
-        self.lifecycle.require_loaded(deadline, self.start)
-
-    def status(self) -> EngineStatus:
-        """Current state; queue depth counts requests waiting for a free slot."""
-        model = self._model
-        return EngineStatus(
-            state=self.lifecycle.state,
-            reason=self.lifecycle.reason,
-            model_id=self.settings.model_id,
-            model_path=str(model.path) if model else None,
-            model_bytes=model.size_bytes if model else None,
-            phases=self.lifecycle.phases,
-            queue_depth=max(0, self._in_flight - self.settings.parallel_slots),
-            download=self.lifecycle.download,
-            extra={
-                **({"resident": self._residency()} if model else {}),
-                **({"prefetch": self.prefetch.status()} if self.prefetch else {}),
-            },
-        )
+    def _queue_depth(self) -> int:
+        """Requests waiting for a free slot."""
+        return max(0, self._in_flight - self.settings.parallel_slots)
 
     def warm_up(self, deadline: Deadline = None) -> EngineStatus:
         """One tiny generation through the server (later calls return at once)."""
@@ -124,37 +82,6 @@ class LlamaServerEngine:
                     )
                 self.lifecycle.warmed()
         return self.status()
-
-    def make_resident(self) -> int:
-        """Read the whole model file into the page cache (the child maps it too)."""
-        self.lifecycle.require_usable()
-        assert self._model is not None
-        resident = make_resident(self._model.path, self.prefetch, self.settings)
-        self._refresh_residency()
-        return resident
-
-    def _residency(self) -> dict[str, Any]:
-        """The last residency figure; a refresh on a background thread when it is stale."""
-        with self._resident_lock:
-            stale = time.monotonic() - self._resident_at >= RESIDENCY_REFRESH_S
-            start = stale and not self._resident_pending
-            self._resident_pending = self._resident_pending or start
-        if start:
-            threading.Thread(
-                target=self._refresh_residency, name="coldstart-residency", daemon=True
-            ).start()
-        return self._resident
-
-    def _refresh_residency(self) -> None:
-        """Measure the model's residency now (on any thread but the event loop)."""
-        try:
-            if self._model is not None:
-                resident = residency(self._model.path)
-                with self._resident_lock:
-                    self._resident, self._resident_at = resident, time.monotonic()
-        finally:
-            with self._resident_lock:
-                self._resident_pending = False
 
     def restored(self) -> None:
         """After a restore: the child must have survived the snapshot; its threads stay as
@@ -198,7 +125,8 @@ class LlamaServerEngine:
         if props.get("chat_template"):
             bos, eos = props.get("bos_token") or "", props.get("eos_token") or ""
             self._chat_template = ChatTemplate(props["chat_template"], bos, eos)
-        self._refresh_residency()
+        assert self._model is not None
+        self._residency.refresh(self._model.path)
         log.info(
             "llama-server ready on port %d with %d slots in %.3fs",
             self._server.port,
