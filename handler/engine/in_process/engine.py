@@ -156,12 +156,13 @@ class InProcessEngine(EngineBase):
             return
         with self.lifecycle.timed("warmup_s"):
             # One real evaluation: touches every weight page and allocates compute buffers, so
-            # the first request pays neither.
-            tokens = self._model_handle.tokenize(
-                WARMUP_PROMPT, add_special=True, parse_special=False
+            # the first request pays neither. It is a one-message chat, left in the KV cache:
+            # the chat template's opening (its default system prompt, the user header) is then
+            # already evaluated, as it is for any request after the first.
+            tokens, _ = render_chat(
+                self._chat_template, [{"role": "user", "content": WARMUP_PROMPT}], self.tokenize
             )
             self._context.evaluate_prompt(tokens)
-            self._context.reset()
         self.lifecycle.warmed()
         log.info("model warm in %.3fs", self.lifecycle.phases.warmup_s)
 
