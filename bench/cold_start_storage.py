@@ -60,7 +60,11 @@ SIDES = ("floor", "llama-server", "llama_cpp.server", "coldstart", "coldstart-no
 # Ours with the init prefetch turned off: what the prefetch buys, in the same run.
 NO_PREFETCH = {"PREFETCH": "off"}
 ANCHORS = ("llama-server", "llama_cpp.server")
-CHAT = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 1, "temperature": 0}
+CHAT: dict[str, Any] = {
+    "messages": [{"role": "user", "content": "Hi"}],
+    "max_tokens": 1,
+    "temperature": 0,
+}
 READERS = 16
 RESULT = OUT / "cold-storage.json"
 # Our function's phase timings (seconds) from its EMF line, as recorded in the runs.
@@ -283,7 +287,16 @@ def main() -> None:
     parser.add_argument("--profiles", default=",".join(PROFILES))
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--out", type=Path, default=RESULT)
+    parser.add_argument(
+        "--max-tokens",
+        type=int,
+        default=1,
+        help="answer length; above 1 the request samples at temperature 1 (a zero-weight model's "
+        "greedy answer may end at its first token)",
+    )
     args = parser.parse_args()
+    if args.max_tokens > 1:
+        CHAT.update(max_tokens=args.max_tokens, temperature=1.0, seed=7)
     sides, profiles = args.sides.split(","), [PROFILES[p] for p in args.profiles.split(",")]
     OUT.mkdir(parents=True, exist_ok=True)
     require(RIE, "install the dev extras (aws-sam-cli)")
@@ -296,7 +309,13 @@ def main() -> None:
                 for side in order:
                     runs.append(run_logged(side, model, size, profile, round_no))
     summary = summarise([r for r in runs if "error" not in r], sides)
-    report = {"command": sys.argv, "threads": THREADS, "runs": runs, "summary": summary}
+    report = {
+        "command": sys.argv,
+        "threads": THREADS,
+        "request": CHAT,
+        "runs": runs,
+        "summary": summary,
+    }
     args.out.write_text(json.dumps(report, indent=1))
     print(table(summary))
 
