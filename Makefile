@@ -153,7 +153,7 @@ bench: venv $(DEFAULT_MODEL) $(LAZY_MMAP) bench-anchors
 # dependencies as wheels for its Python 3.12, and the synthetic-model tools of ../shared/gpu.
 # There: `bash bench/p6_gpu.sh` with .gpu carried along.
 GPU_KIT     := .gpu
-GPU_WHEELS  := fastapi starlette pydantic pydantic_core \
+GPU_WHEELS  := fastapi starlette pydantic pydantic_core mangum \
 	annotated-types typing-inspection uvicorn typing_extensions opentelemetry-api
 GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
