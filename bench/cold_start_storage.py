@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -44,7 +42,8 @@ from bench.common import (
     RIE,
     ROOT,
     THREADS,
-    emulator_command,
+    emf_records,
+    emulated_function,
     free_port,
     http_ok,
     load_into_page_cache,
@@ -126,10 +125,9 @@ def function_url_event() -> dict[str, Any]:
 
 
 def ours_env(path: Path, timeout_s: float, extra: dict[str, str]) -> dict[str, str]:
-    """Our function's environment: the mounted model, as `make emulate` and the image run it."""
+    """Our function's environment over the bench's (spawn adds the repository to PYTHONPATH):
+    the mounted model, as `make emulate` and the image run it."""
     env = {
-        **os.environ,
-        "PYTHONPATH": str(ROOT),
         "MODEL_URI": str(path),
         "N_CTX": str(N_CTX),
         "N_THREADS": str(THREADS),
@@ -141,47 +139,25 @@ def ours_env(path: Path, timeout_s: float, extra: dict[str, str]) -> dict[str, s
     return env
 
 
-def emf_line(log: Path) -> dict[str, Any]:
-    """The first CloudWatch EMF line our function printed (its phase timings), if any."""
-    for line in log.read_text(errors="replace").splitlines():
-        if line.startswith('{"_aws"'):
-            record: dict[str, Any] = json.loads(line)
-            return record
-    return {}
-
-
 def run_ours(
     path: Path, timeout_s: float, extra_env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     """Spawn the emulator + our runtime, post the function URL event as soon as it listens."""
-    port, api_port = free_port(), free_port()
-    url = f"http://127.0.0.1:{port}/2015-03-31/functions/function/invocations"
     event, log_path = function_url_event(), OUT / "cold-storage-ours.log"
+    env = ours_env(path, timeout_s, extra_env or {})
     result: dict[str, Any] = {}
-
-    def invoke() -> bool:
-        result.update(post_json(url, event, timeout_s))
-        return True
-
     started = time.perf_counter()
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(
-            emulator_command(port, api_port),
-            env=ours_env(path, timeout_s, extra_env or {}),
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            poll(invoke, timeout_s)
-            total = time.perf_counter() - started
-        finally:
-            os.killpg(proc.pid, 9)
-            proc.wait(10)
+    with log_path.open("wb") as log, emulated_function(env, log) as (url, _):
+
+        def invoke() -> bool:
+            result.update(post_json(url, event, timeout_s))
+            return True
+
+        poll(invoke, timeout_s)
+        total = time.perf_counter() - started
     if result.get("statusCode") != 200:
         raise AssertionError(f"function answered {result}")
-    emf = emf_line(log_path)
+    emf = next(iter(emf_records(log_path)), {})
     phases = {name: emf[key] for key, name in EMF_PHASES.items() if key in emf}
     return {"total_s": total, **answered(json.loads(result["body"])), **phases}
 

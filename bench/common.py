@@ -227,7 +227,7 @@ def stop(proc: subprocess.Popen[bytes], grace_s: float = 0.0) -> None:
 
 def emf_records(log: Path) -> list[dict[str, Any]]:
     """The CloudWatch EMF lines our function printed to `log`, decoded."""
-    lines = log.read_text().splitlines()
+    lines = log.read_text(errors="replace").splitlines()
     return [json.loads(line) for line in lines if line.startswith('{"_aws"')]
 
 

@@ -83,11 +83,6 @@ class LambdaApp:
         app = self._full_app or self.plain_app
         await app(scope, receive, send)
 
-    @property
-    def full_app_ready(self) -> bool:
-        """Whether HTTP events now go to the FastAPI app."""
-        return self._full_app is not None
-
     def full_app(self) -> ASGIApp:
         """The FastAPI app, imported and built once (thread-safe)."""
         if self._full_app is None:

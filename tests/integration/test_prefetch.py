@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from bench.common import evict_from_page_cache
 from handler.model_source.prefetch import (
     Prefetch,
     memory_budget,
@@ -89,12 +90,7 @@ def test_a_missing_file_ends_the_prefetch_with_an_error(tmp_path: Path):
 def evicted_copy(real_model: Path, tmp_path: Path) -> Path:
     copy = tmp_path / "evicted.gguf"
     shutil.copyfile(real_model, copy)
-    fd = os.open(copy, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
+    evict_from_page_cache(copy)
     return copy
 
 
