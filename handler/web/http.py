@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from handler import deadline as deadlines
 from handler.config import Settings
 from handler.errors import APIError, AuthenticationFailed, InternalError, InvalidRequest
+from handler.service.responses_output import ResponseEvents
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
 
@@ -98,7 +99,11 @@ def render_json(content: Any) -> bytes:
 
 
 def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
-    """Server-sent events: one `data:` line per chunk, an error object if one fails, then [DONE]."""
+    """Server-sent events: one `data:` line per chunk, an error object if one fails, then [DONE].
+    A streamed response of the Responses API has its own framing (`named_events`)."""
+    if isinstance(chunks, ResponseEvents):
+        yield from named_events(chunks)
+        return
     try:
         for chunk in chunks:
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
@@ -108,6 +113,32 @@ def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
         log.exception("stream failed after the first chunk")
         yield f"data: {json.dumps(InternalError('generation failed').body())}\n\n"
     yield "data: [DONE]\n\n"
+
+
+def named_events(events: Iterator[dict[str, Any]]) -> Iterator[str]:
+    """Named server-sent events (the Responses API): `event: <type>` then its `data:` line; if
+    one fails, an `error` event with the next sequence number. No [DONE]: the last event ends it."""
+    sequence = 0
+    try:
+        for event in events:
+            sequence = event["sequence_number"] + 1
+            yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
+    except APIError as exc:
+        yield _error_event(exc, sequence)
+    except Exception:
+        log.exception("stream failed after the first event")
+        yield _error_event(InternalError("generation failed"), sequence)
+
+
+def _error_event(error: APIError, sequence: int) -> str:
+    event = {
+        "type": "error",
+        "code": error.code,
+        "message": error.message,
+        "param": error.param,
+        "sequence_number": sequence,
+    }
+    return f"event: error\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
 def scope_deadline(scope: Any, settings: Settings) -> deadlines.Deadline:

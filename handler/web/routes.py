@@ -20,6 +20,7 @@ from handler.errors import MethodNotAllowed, NotFound
 from handler.service.chunk_stream import ChunkStream
 from handler.service.health import Reply, liveness, prometheus, readiness
 from handler.service.openai_service import OpenAIService
+from handler.service.responses import ResponsesRequest, create_response, is_responses_payload
 from handler.service.schemas import ChatCompletionRequest, CompletionRequest, EmbeddingRequest
 from handler.service.shapes import CHAT, TEXT
 
@@ -45,7 +46,8 @@ class Route:
 
     `generates`: the handler may block on the model (front doors run it off the event loop, with
     a cancel event); others answer at once and never wait behind a generation.
-    `direct_field`: a direct Lambda invoke whose payload has this field is a call of this route.
+    `direct_field`: a direct Lambda invoke whose payload has this field is a call of this route,
+    if `direct_when` (for a field two routes share) also holds for the payload.
     """
 
     method: str
@@ -56,6 +58,7 @@ class Route:
     authenticated: bool = True
     generates: bool = False
     direct_field: str | None = None
+    direct_when: Callable[[dict[str, Any]], bool] | None = None
 
     def match(self, path: str) -> dict[str, str] | None:
         """The path parameters if `path` is this route's, else None."""
@@ -95,6 +98,17 @@ ROUTES: tuple[Route, ...] = (
         CompletionRequest,
         generates=True,
         direct_field="prompt",
+    ),
+    Route(
+        "POST",
+        "/v1/responses",
+        "responses",
+        lambda s, c: create_response(s, c.body, c.deadline, c.cancel),
+        ResponsesRequest,
+        generates=True,
+        # Before embeddings: both take `input`; a payload that is not embeddings' goes here.
+        direct_field="input",
+        direct_when=is_responses_payload,
     ),
     Route(
         "POST",
@@ -142,7 +156,9 @@ def resolve(method: str, path: str) -> tuple[Route, dict[str, str]]:
 def direct_route(payload: dict[str, Any]) -> Route | None:
     """The route a direct invoke's payload calls, by its distinguishing field."""
     for route in ROUTES:
-        if route.direct_field is not None and route.direct_field in payload:
+        if route.direct_field is None or route.direct_field not in payload:
+            continue
+        if route.direct_when is None or route.direct_when(payload):
             return route
     return None
 

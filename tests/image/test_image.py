@@ -88,6 +88,24 @@ def check_sse(text: str) -> None:
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
 
 
+def check_response(body: dict[str, Any]) -> None:
+    assert body["object"] == "response", body
+    assert body["status"] in {"completed", "incomplete"}
+    [message] = body["output"]
+    assert message["type"] == "message" and message["content"][0]["text"]
+    assert body["usage"]["total_tokens"] > 0
+
+
+def check_response_events(text: str) -> None:
+    """A Responses stream: named events, numbered, the last one the whole response; no [DONE]."""
+    blocks = [block.split("\n") for block in text.strip().split("\n\n")]
+    events = [json.loads(data.removeprefix("data: ")) for _, data in blocks]
+    assert [name for name, _ in blocks] == [f"event: {e['type']}" for e in events], text[-500:]
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert events[0]["type"] == "response.created"
+    check_response(events[-1]["response"])
+
+
 def request_body(event: dict[str, Any]) -> dict[str, Any]:
     raw = event.get("body") or ""
     if event.get("isBase64Encoded"):
@@ -106,7 +124,10 @@ def check_http(event: dict[str, Any], response: dict[str, Any]) -> None:
     request = request_body(event)
     if request.get("stream"):
         assert headers["content-type"].startswith("text/event-stream")
-        check_sse(body)
+        if path.endswith("/responses"):
+            check_response_events(body)
+        else:
+            check_sse(body)
         return
     assert headers["content-type"].startswith("application/json")
     if path.endswith("/chat/completions"):
@@ -140,6 +161,8 @@ def check_event_response(event: dict[str, Any], response: Any) -> None:
         check_chat(response)
     elif "prompt" in event:
         check_completion(response)
+    elif "input" in event and "instructions" in event:  # embeddings take no instructions
+        check_response(response)
     elif "input" in event:
         check_embeddings(response, event["input"])
     else:
