@@ -140,6 +140,7 @@ class Settings(BaseModel):
     api_key: SecretStr | None = None
     max_request_bytes: int = Field(1_048_576, ge=1024)
     max_messages: int = Field(256, ge=1)
+    max_choices: int = Field(8, ge=1, le=128, description="the largest `n` a request may ask")
     context_overflow: Literal["error", "truncate"] = Field(
         "error", description="truncate: drop the oldest non-system messages until the chat fits"
     )

@@ -29,17 +29,24 @@ class ChatTemplate:
         env.globals["raise_exception"] = _raise
         env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
         self._template = env.from_string(source)
+        # Templates written for tool use read a `tools` variable (Hermes, Qwen, Llama 3.1, ...).
+        self.takes_tools = "tools" in source
         self.bos_token = bos_token
         self.eos_token = eos_token
 
-    def render(self, messages: list[dict[str, Any]]) -> str:
-        """The prompt text, ending with the assistant's turn opener."""
+    def render(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> str:
+        """The prompt text, ending with the assistant's turn opener; `tools` (OpenAI's
+        function tools) go to templates that take them."""
+        extra = {"tools": tools} if tools else {}
         try:
             return self._template.render(
                 messages=messages,
                 add_generation_prompt=True,
                 bos_token=self.bos_token,
                 eos_token=self.eos_token,
+                **extra,
             )
         except TemplateError:
             raise

@@ -45,8 +45,17 @@ class InferenceEngine(Protocol):
         """Run the tiny warm-up evaluation once; later calls return at once."""
         ...
 
-    def chat_prompt(self, messages: ChatMessages) -> tuple[list[int], tuple[str, ...]]:
-        """Messages rendered by the model's chat template: (tokens, extra stop strings)."""
+    def chat_prompt(
+        self, messages: ChatMessages, tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], tuple[str, ...]]:
+        """Messages rendered by the model's chat template: (tokens, extra stop strings); `tools`
+        (OpenAI function tools) are rendered by templates that take them."""
+        ...
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the chat template renders a `tools` list itself (else the service describes
+        the tools in a system message)."""
         ...
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:

@@ -29,6 +29,28 @@ class SamplingParams:
     repeat_penalty: float = 1.0
     stop: tuple[str, ...] = ()
     seed: int | None = None
+    grammar: str | None = None  # GBNF with a `root` rule: every token must keep the text in it
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token's log-probability under the model (before any sampler changed the
+    distribution), with the most likely alternatives (whose own `top` is empty)."""
+
+    token: str
+    bytes: tuple[int, ...]
+    logprob: float
+    top: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Piece:
+    """Text handed over by the engine, with the log-probabilities of the tokens it came from
+    (empty unless the request asked for them)."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass
@@ -65,6 +87,7 @@ class Generation:
     _pieces: queue.SimpleQueue[Any] = field(default_factory=queue.SimpleQueue)
     _cancel: threading.Event = field(default_factory=threading.Event)
     _buffer: list[str] = field(default_factory=list)
+    _buffered_logprobs: list[TokenLogprob] = field(default_factory=list)
     result: GenerationResult = field(default_factory=GenerationResult)
 
     @classmethod
@@ -102,23 +125,30 @@ class Generation:
         """Block up to `timeout_s` for a cancel; whether it came."""
         return self._cancel.wait(timeout_s)
 
-    def emit(self, text: str) -> None:
-        """Called on the engine thread for each piece of text."""
+    def emit(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """Called on the engine thread for each piece of text (and its tokens' logprobs)."""
         if self.streaming:
-            self._pieces.put(text)
+            self._pieces.put(Piece(text, tuple(logprobs)))
         else:
             self._buffer.append(text)
+            self._buffered_logprobs.extend(logprobs)
 
     def finish(self, error: BaseException | None = None) -> None:
         """Called on the engine thread when the generation ends (with its error, if any)."""
-        if self._buffer:
-            self._pieces.put("".join(self._buffer))
+        if self._buffer or self._buffered_logprobs:
+            self._pieces.put(Piece("".join(self._buffer), tuple(self._buffered_logprobs)))
             self._buffer.clear()
+            self._buffered_logprobs.clear()
         if error is not None:
             self._pieces.put(error)
         self._pieces.put(_END)
 
     def __iter__(self) -> Iterator[str]:
+        for piece in self.pieces():
+            yield piece.text
+
+    def pieces(self) -> Iterator[Piece]:
+        """The pieces with their logprobs, as the engine hands them over."""
         while True:
             item = self._pieces.get()
             if item is _END:

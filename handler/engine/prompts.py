@@ -18,13 +18,17 @@ Tokenize = Callable[[str, bool, bool], list[int]]  # (text, add_bos, special) ->
 
 
 def render_chat(
-    template: ChatTemplate | None, messages: list[dict[str, Any]], tokenize: Tokenize
+    template: ChatTemplate | None,
+    messages: list[dict[str, Any]],
+    tokenize: Tokenize,
+    tools: list[dict[str, Any]] | None = None,
 ) -> tuple[list[int], tuple[str, ...]]:
-    """Messages as prompt tokens and the extra stop strings the prompt format needs."""
+    """Messages (and the tools, for a template that takes them) as prompt tokens and the extra
+    stop strings the prompt format needs."""
     if template is None:
         return tokenize(plain_prompt(messages), True, False), PLAIN_PROMPT_STOPS
     try:
-        text = template.render(messages)
+        text = template.render(messages, tools)
     except TemplateError as exc:
         raise InvalidRequest(
             f"messages could not be rendered by the model's chat template: {exc}",

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from dataclasses import replace
 from threading import Event
 from typing import Any, TypeVar
 
 from handler.config import Settings
 from handler.deadline import Deadline
 from handler.engine import Generation, InferenceEngine, SamplingParams
+from handler.engine.generation import TokenLogprob
 from handler.engine.prompts import completion_budget
 from handler.errors import APIError, InvalidRequest
 from handler.service.admission import Admission
@@ -22,7 +24,8 @@ from handler.service.chunk_stream import ChunkStream
 from handler.service.objects import encode_embedding, model_card, new_id, now, usage
 from handler.service.response_cache import ResponseCache
 from handler.service.schemas import EmbeddingRequest, SamplingRequest
-from handler.service.shapes import Prompt, ResponseShape
+from handler.service.shapes import ChoiceStream, Prompt, ResponseShape
+from handler.service.tools import Constraints
 from handler.telemetry import Metrics
 
 log = logging.getLogger("coldstart.api")
@@ -76,30 +79,47 @@ class OpenAIService:
         if key is not None and (cached := self.responses.get(key)) is not None:
             return self._from_cache(cached, shape.id_prefix)
         with self.admission.slot():
-            prompt, params = self._prepare(shape, req, deadline)
-            generation = self.engine.generate(
-                prompt.tokens, params, deadline, streaming=False, cancel=cancel
+            constraints, prompt, params = self._prepare(shape, req, deadline)
+            # Parallel tool calls are watched as they come, to stop a model that repeats one.
+            watch = constraints.plan is not None and constraints.plan.parallel
+            generations = self._generate(
+                prompt, params, req, deadline, streaming=watch, cancel=cancel
             )
-            text = generation.text()
-        result = generation.result
-        self._log(shape, generation)
-        choice = {
-            "index": 0,
-            **shape.full_choice(req, text),
-            "logprobs": None,
-            "finish_reason": result.finish_reason,
-        }
+            choices = [
+                self._complete_choice(index, shape.choice(req, constraints), generation, params)
+                for index, generation in enumerate(generations)
+            ]
+        for generation in generations:
+            self._log(shape, generation)
         response = {
             "id": new_id(shape.id_prefix),
             "object": shape.object,
             "created": now(),
             "model": self.settings.model_id,
-            "choices": [choice],
-            "usage": usage(result.prompt_tokens, result.completion_tokens),
+            "choices": choices,
+            "usage": _usage(generations),
             **shape.extra_fields,
         }
-        self._remember(key, response, generation)
+        self._remember(key, response, generations)
         return response
+
+    @staticmethod
+    def _complete_choice(
+        index: int, choice: ChoiceStream, generation: Generation, params: SamplingParams
+    ) -> dict[str, Any]:
+        logprobs: list[TokenLogprob] = []
+        for piece in generation.pieces():
+            choice.feed(piece.text)
+            logprobs.extend(piece.logprobs)
+            if choice.done:
+                generation.cancel()
+        fields, finish = choice.message(generation.result.finish_reason)
+        return {
+            "index": index,
+            **fields,
+            "logprobs": choice.logprobs(logprobs) if params.logprobs is not None else None,
+            "finish_reason": finish,
+        }
 
     def stream(
         self, shape: ResponseShape[RequestT], req: RequestT, deadline: Deadline
@@ -108,15 +128,51 @@ class OpenAIService:
         admission ticket is released when the stream ends or is closed."""
         ticket = self.admission.claim()
         try:
-            prompt, params = self._prepare(shape, req, deadline)
-            generation = self.engine.generate(prompt.tokens, params, deadline)
+            constraints, prompt, params = self._prepare(shape, req, deadline)
+            generations = self._generate(prompt, params, req, deadline, streaming=True)
         except BaseException:
             ticket.release()
             raise
-        return ChunkStream(self._chunks(shape, req, generation), ticket.release, generation.cancel)
+
+        def cancel() -> None:
+            for generation in generations:
+                generation.cancel()
+
+        chunks = self._chunks(shape, req, constraints, params, generations)
+        return ChunkStream(chunks, ticket.release, cancel)
+
+    def _generate(
+        self,
+        prompt: Prompt,
+        params: SamplingParams,
+        req: SamplingRequest,
+        deadline: Deadline,
+        *,
+        streaming: bool,
+        cancel: Event | None = None,
+    ) -> list[Generation]:
+        """The request's `n` generations, started at once. The in-process engine runs them one
+        after the other, each reusing the prompt the first evaluated (its KV cache prefix);
+        llama-server runs them on parallel slots. A seed gives each choice its own (seed + i)."""
+        generations = []
+        for i in range(req.n or 1):
+            seeded = (
+                params if params.seed is None or i == 0 else replace(params, seed=params.seed + i)
+            )
+            generations.append(
+                self.engine.generate(
+                    prompt.tokens, seeded, deadline, streaming=streaming, cancel=cancel
+                )
+            )
+        return generations
 
     def _chunks(
-        self, shape: ResponseShape[RequestT], req: RequestT, generation: Generation
+        self,
+        shape: ResponseShape[RequestT],
+        req: RequestT,
+        constraints: Constraints,
+        params: SamplingParams,
+        generations: list[Generation],
     ) -> Iterator[dict[str, Any]]:
         base = {
             "id": new_id(shape.id_prefix),
@@ -126,34 +182,53 @@ class OpenAIService:
             **shape.extra_fields,
         }
         extra = {"usage": None} if req.include_usage else {}
+        want_logprobs = params.logprobs is not None
 
-        def chunk(choice: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
-            full = {"index": 0, **choice, "logprobs": None, "finish_reason": finish}
+        def chunk(
+            index: int, fields: dict[str, Any], finish: str | None = None, logprobs: Any = None
+        ) -> dict[str, Any]:
+            full = {"index": index, **fields, "logprobs": logprobs, "finish_reason": finish}
             return {**base, "choices": [full], **extra}
 
         try:
-            for opening in shape.opening(req):
-                yield chunk(opening)
-            for piece in generation:
-                yield chunk(shape.piece(piece))
-            yield chunk(shape.closing(), generation.result.finish_reason)
+            for index, generation in enumerate(generations):
+                choice = shape.choice(req, constraints)
+                for opening in choice.opening():
+                    yield chunk(index, opening)
+                held: list[TokenLogprob] = []  # logprobs of text the choice holds back
+                for piece in generation.pieces():
+                    held.extend(piece.logprobs)
+                    for fields in choice.feed(piece.text):
+                        logprobs = choice.logprobs(held) if want_logprobs and held else None
+                        held = [] if logprobs is not None else held
+                        yield chunk(index, fields, logprobs=logprobs)
+                    if choice.done:
+                        generation.cancel()
+                closing, finish = choice.closing(generation.result.finish_reason)
+                for i, fields in enumerate(closing):
+                    last = i == len(closing) - 1
+                    logprobs = choice.logprobs(held) if want_logprobs and held else None
+                    held = [] if logprobs is not None else held
+                    yield chunk(index, fields, finish if last else None, logprobs)
             if req.include_usage:
-                r = generation.result
-                yield {**base, "choices": [], "usage": usage(r.prompt_tokens, r.completion_tokens)}
+                yield {**base, "choices": [], "usage": _usage(generations)}
         finally:
-            generation.cancel()
-            self._log(shape, generation)
+            for generation in generations:
+                generation.cancel()
+                self._log(shape, generation)
 
     def _prepare(
         self, shape: ResponseShape[RequestT], req: RequestT, deadline: Deadline
-    ) -> tuple[Prompt, SamplingParams]:
+    ) -> tuple[Constraints, Prompt, SamplingParams]:
         """Check the request, wait for the model, build the prompt, size the completion."""
-        shape.check(req, self.settings)
+        constraints = shape.check(req, self.settings)
         self.engine.require_loaded(deadline)
-        prompt = shape.prompt(req, self.engine, self.settings)
-        return prompt, self._params(req, prompt)
+        prompt = shape.prompt(req, self.engine, self.settings, constraints)
+        return constraints, prompt, self._params(req, prompt, constraints)
 
-    def _params(self, req: SamplingRequest, prompt: Prompt) -> SamplingParams:
+    def _params(
+        self, req: SamplingRequest, prompt: Prompt, constraints: Constraints
+    ) -> SamplingParams:
         limit = req.token_limit
         cap = self.settings.max_tokens_cap
         if limit is not None and limit > cap:
@@ -171,6 +246,8 @@ class OpenAIService:
             frequency_penalty=req.frequency_penalty or 0.0,
             stop=req.stop_list() + prompt.stops,
             seed=req.seed,
+            grammar=constraints.grammar,
+            logprobs=req.logprobs_top,
         )
 
     # ------------------------------------------------------------- embeddings
@@ -223,12 +300,14 @@ class OpenAIService:
             },
         )
 
-    def _remember(self, key: str | None, response: dict[str, Any], generation: Generation) -> None:
+    def _remember(
+        self, key: str | None, response: dict[str, Any], generations: list[Generation]
+    ) -> None:
         """Cache a complete answer (never one cut short by a deadline or a client leaving)."""
         if key is None:
             return
         self.metrics.record("ResponseCacheHit", 0.0)
-        if not generation.result.interrupted:
+        if not any(g.result.interrupted for g in generations):
             self.responses.put(key, response)
 
     def _from_cache(self, cached: dict[str, Any], prefix: str) -> dict[str, Any]:
@@ -259,3 +338,9 @@ class OpenAIService:
             f"{r.time_to_first_token_s:.3f}" if r.time_to_first_token_s is not None else "-",
             f"{r.decode_tokens_per_s:.1f}" if r.decode_tokens_per_s else "-",
         )
+
+
+def _usage(generations: list[Generation]) -> dict[str, int]:
+    """Usage of all choices: the prompt counted once, as OpenAI counts it."""
+    prompt = generations[0].result.prompt_tokens if generations else 0
+    return usage(prompt, sum(g.result.completion_tokens for g in generations))

@@ -49,8 +49,12 @@ def _children(value: Any) -> Iterable[tuple[str, Any]]:
     """The items of a container, with their names; a request model checked itself when built."""
     if isinstance(value, list | tuple):
         return ((str(i), item) for i, item in enumerate(value))
-    if isinstance(value, dict):
-        return ((str(k), item) for k, item in value.items())
+    if isinstance(value, dict):  # keys are text too (a JSON Schema's property names)
+        return (
+            pair
+            for i, (k, item) in enumerate(value.items())
+            for pair in ((f"key {i}", k), (str(k) if not not_utf8(k) else f"key {i}", item))
+        )
     if isinstance(value, BaseModel) and not isinstance(value, _Request):
         return ((name, getattr(value, name)) for name in type(value).model_fields)
     return ()
@@ -83,17 +87,39 @@ class TextPart(_Part):
     text: str
 
 
+class FunctionCall(_Part):
+    """The function an assistant message called: its name and arguments (a JSON string)."""
+
+    name: str = Field(..., max_length=256)
+    arguments: str = ""
+
+
+class ToolCall(_Part):
+    """One tool call of an assistant message in the conversation."""
+
+    id: str = Field(..., max_length=256)
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Request):
-    """One chat message; content is a string or a list of text parts."""
+    """One chat message; content is a string or a list of text parts. An assistant message may
+    carry the tool calls it made instead of content; a `tool` message answers one of them."""
 
     role: Role
     content: str | list[TextPart] | None = None
     name: str | None = Field(None, max_length=256)
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = Field(None, max_length=256)
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
         if self.content is None and self.role != "assistant":
             raise ValueError(f"content is required for role '{self.role}'")
+        if self.tool_calls is not None and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
         return self
 
     def text(self) -> str:
@@ -101,6 +127,78 @@ class ChatMessage(_Request):
         if isinstance(self.content, list):
             return "".join(part.text for part in self.content)
         return self.content or ""
+
+
+TOOL_NAME = r"^[a-zA-Z0-9_-]{1,64}$"  # OpenAI's rule for function names
+
+
+class FunctionDefinition(_Part):
+    """A function the model may call; `parameters` is a JSON Schema of its arguments."""
+
+    name: str = Field(..., pattern=TOOL_NAME)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class Tool(_Part):
+    """A tool of the request (only functions exist in chat completions)."""
+
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ChosenFunction(_Part):
+    """The function a named tool_choice forces (checked against the tools, so no length limit:
+    a constrained string inside a union is reported once per branch)."""
+
+    name: str
+
+
+class NamedToolChoice(_Part):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: ChosenFunction
+
+
+ToolChoice = Literal["none", "auto", "required"] | NamedToolChoice
+
+
+class JsonSchemaFormat(_Part):
+    """`response_format.json_schema`: OpenAI's nested form."""
+
+    name: str = Field("response", max_length=64)
+    description: str | None = None
+    # `schema` shadows a BaseModel attribute: the field is `schema_` and named `schema` in JSON.
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Part):
+    """`response_format`: plain text, any JSON object, or JSON valid against a schema. A
+    top-level `schema` (as some clients send it, in either JSON type) is honoured too."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+
+    @model_validator(mode="after")
+    def _schema_given(self) -> ResponseFormat:
+        if self.type == "json_schema" and self.answer_schema() is None:
+            raise ValueError("json_schema needs a schema: json_schema.schema")
+        return self
+
+    def answer_schema(self) -> dict[str, Any] | None:
+        """The schema the answer must be valid against, None for any JSON object or text."""
+        if self.json_schema is not None and self.json_schema.schema_ is not None:
+            return self.json_schema.schema_
+        return self.schema_
+
+    @property
+    def strict(self) -> bool:
+        """Whether OpenAI's strict-mode rules apply to the schema."""
+        return bool(self.json_schema is not None and self.json_schema.strict)
 
 
 class StreamOptions(_Request):
@@ -121,7 +219,7 @@ class SamplingRequest(_Request):
     model: str | None = Field(None, max_length=256)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    n: int | None = Field(None, ge=1, le=1, description="Only n=1 is supported")
+    n: int | None = Field(None, ge=1, description="choices; at most MAX_CHOICES")
     stream: bool = False
     stream_options: StreamOptions | None = None
     stop: Stop = None
@@ -149,6 +247,11 @@ class SamplingRequest(_Request):
         return None
 
     @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives per token when logprobs are asked for, else None."""
+        return None
+
+    @property
     def include_usage(self) -> bool:
         """Whether a streamed response ends with a usage chunk."""
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
@@ -161,13 +264,22 @@ class ChatCompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(None, ge=1)
     max_completion_tokens: int | None = Field(None, ge=1)
     logprobs: bool | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    tools: Annotated[list[Tool], Field(max_length=128)] | None = None
+    tool_choice: ToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    response_format: ResponseFormat | None = None
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: bool | None) -> bool | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    @model_validator(mode="after")
+    def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
+        return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives per token when logprobs are asked for, else None."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
     @property
     def token_limit(self) -> int | None:
@@ -182,7 +294,8 @@ class CompletionRequest(SamplingRequest):
     max_tokens: int | None = Field(16, ge=1)
     echo: bool = False
     suffix: str | None = None
-    logprobs: int | None = None
+    logprobs: int | None = Field(None, ge=0, le=5)
+    best_of: int | None = Field(None, ge=1)
 
     @field_validator("suffix")
     @classmethod
@@ -191,12 +304,18 @@ class CompletionRequest(SamplingRequest):
             raise ValueError("suffix is not supported")
         return value
 
-    @field_validator("logprobs")
-    @classmethod
-    def _no_logprobs(cls, value: int | None) -> int | None:
-        if value:
-            raise ValueError("logprobs are not supported")
-        return value
+    @model_validator(mode="after")
+    def _honourable(self) -> CompletionRequest:
+        if self.echo and self.logprobs is not None:
+            raise ValueError("logprobs of an echoed prompt are not supported")
+        if self.best_of is not None and self.best_of != (self.n or 1):
+            raise ValueError("best_of other than n is not supported")
+        return self
+
+    @property
+    def logprobs_top(self) -> int | None:
+        """Alternatives per token when logprobs are asked for, else None."""
+        return self.logprobs
 
     @property
     def prompt_text(self) -> str:

@@ -8,13 +8,24 @@ new API is a new shape, not a new pipeline.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from handler.config import Settings
 from handler.engine import InferenceEngine
+from handler.engine.generation import TokenLogprob
 from handler.errors import InvalidRequest
 from handler.service.schemas import ChatCompletionRequest, CompletionRequest, SamplingRequest
+from handler.service.tools import (
+    CallStart,
+    Constraints,
+    Content,
+    Event,
+    ToolCallParser,
+    constraints,
+    prompt_messages,
+)
 
 # Completion tokens kept free when CONTEXT_OVERFLOW=truncate and the request sets no max_tokens.
 TRUNCATION_RESERVE = 256
@@ -31,6 +42,35 @@ class Prompt:
     param: str
 
 
+class ChoiceStream(Protocol):
+    """One choice of a response as the generation produces it: text in, choice fields out."""
+
+    def opening(self) -> list[dict[str, Any]]:
+        """Choice fields streamed before the first token."""
+        ...
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        """Choice fields (deltas) for the next piece of text; none while text is held back."""
+        ...
+
+    def closing(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
+        """The last deltas and the finish_reason the choice reports."""
+        ...
+
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        """The `logprobs` object of a choice or chunk for these tokens."""
+        ...
+
+    def message(self, finish_reason: str) -> tuple[dict[str, Any], str]:
+        """The fields of the complete choice (of all text fed), and its finish_reason."""
+        ...
+
+    @property
+    def done(self) -> bool:
+        """Whether the choice needs no more text (the generation can stop)."""
+        ...
+
+
 class ResponseShape(Protocol[RequestT_contra]):
     """What one API changes in the completion pipeline."""
 
@@ -40,11 +80,18 @@ class ResponseShape(Protocol[RequestT_contra]):
     chunk_object: str
     extra_fields: dict[str, Any]  # top-level fields of full responses and chunks
 
-    def check(self, req: RequestT_contra, settings: Settings) -> None:
-        """Input checks that need no model (they answer 4xx even while it loads)."""
+    def check(self, req: RequestT_contra, settings: Settings) -> Constraints:
+        """Input checks that need no model (they answer 4xx even while it loads), and the
+        grammar and tools the request brings."""
         ...
 
-    def prompt(self, req: RequestT_contra, engine: InferenceEngine, settings: Settings) -> Prompt:
+    def prompt(
+        self,
+        req: RequestT_contra,
+        engine: InferenceEngine,
+        settings: Settings,
+        constraints: Constraints,
+    ) -> Prompt:
         """The prompt, validated; raises a 4xx APIError for bad input."""
         ...
 
@@ -52,25 +99,21 @@ class ResponseShape(Protocol[RequestT_contra]):
         """What of the request shapes the answer, besides the sampling fields."""
         ...
 
-    def full_choice(self, req: RequestT_contra, text: str) -> dict[str, Any]:
-        """The choice of a complete response, without index, logprobs and finish_reason."""
+    def choice(self, req: RequestT_contra, constraints: Constraints) -> ChoiceStream:
+        """A new choice of this request."""
         ...
 
-    def opening(self, req: RequestT_contra) -> list[dict[str, Any]]:
-        """Choices streamed before the first token."""
-        ...
 
-    def piece(self, text: str) -> dict[str, Any]:
-        """The choice of a chunk that carries `text`."""
-        ...
-
-    def closing(self) -> dict[str, Any]:
-        """The choice of the chunk that carries the finish_reason."""
-        ...
+def _check_choices(n: int | None, settings: Settings) -> None:
+    if n is not None and n > settings.max_choices:
+        raise InvalidRequest(
+            f"n={n} is above this server's limit of {settings.max_choices} choices",
+            param="n",
+        )
 
 
 class ChatShape:
-    """POST /v1/chat/completions: messages in, an assistant message out."""
+    """POST /v1/chat/completions: messages in, an assistant message (text or tool calls) out."""
 
     name = "chat"
     id_prefix = "chatcmpl"
@@ -78,27 +121,36 @@ class ChatShape:
     chunk_object = "chat.completion.chunk"
     extra_fields: dict[str, Any] = {"system_fingerprint": None}
 
-    def check(self, req: ChatCompletionRequest, settings: Settings) -> None:
-        """At most MAX_MESSAGES messages."""
+    def check(self, req: ChatCompletionRequest, settings: Settings) -> Constraints:
+        """At most MAX_MESSAGES messages and MAX_CHOICES choices; tools and formats valid."""
         if len(req.messages) > settings.max_messages:
             raise InvalidRequest(
                 f"too many messages: {len(req.messages)} > {settings.max_messages}",
                 param="messages",
             )
+        _check_choices(req.n, settings)
+        found = constraints(req)
+        # Tool results must answer calls: checked here, before the model is needed.
+        prompt_messages(req.messages, found.plan, template_takes_tools=False)
+        return found
 
     def prompt(
-        self, req: ChatCompletionRequest, engine: InferenceEngine, settings: Settings
+        self,
+        req: ChatCompletionRequest,
+        engine: InferenceEngine,
+        settings: Settings,
+        constraints: Constraints,
     ) -> Prompt:
         """The chat template's rendering; with CONTEXT_OVERFLOW=truncate, old turns dropped."""
-        messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
-        tokens, stops = engine.chat_prompt(messages)
+        plan = constraints.plan
+        native = plan is not None and engine.template_takes_tools
+        messages = prompt_messages(req.messages, plan, engine.template_takes_tools)
+        tools = plan.tools if native and plan is not None else None
+        tokens, stops = engine.chat_prompt(messages, tools)
         if settings.context_overflow == "truncate":
             reserve = req.token_limit or min(TRUNCATION_RESERVE, settings.max_tokens_cap)
             tokens, stops = _drop_old_turns(
-                engine, messages, (tokens, stops), reserve, settings.n_ctx
+                engine, messages, (tokens, stops), reserve, settings.n_ctx, tools=tools
             )
         if not tokens:  # role markers make this unreachable today; a template may drop them
             raise InvalidRequest(
@@ -107,24 +159,87 @@ class ChatShape:
         return Prompt(tokens, stops, "messages")
 
     def cache_inputs(self, req: ChatCompletionRequest) -> list[Any]:
-        """The messages as sent."""
-        return [m.model_dump(exclude_none=True) for m in req.messages]
+        """The messages and everything else that changes the answer."""
+        return [
+            [m.model_dump(exclude_none=True) for m in req.messages],
+            req.model_dump(
+                include={"tools", "tool_choice", "parallel_tool_calls", "response_format"},
+                exclude_none=True,
+                by_alias=True,
+            ),
+            req.logprobs_top,
+            req.n,
+        ]
 
-    def full_choice(self, req: ChatCompletionRequest, text: str) -> dict[str, Any]:
-        """The assistant message."""
-        return {"message": {"role": "assistant", "content": text}}
+    def choice(self, req: ChatCompletionRequest, constraints: Constraints) -> ChoiceStream:
+        """An assistant message; tool calls parsed out of it when tools are on."""
+        return _ChatChoice(ToolCallParser(calls_allowed=constraints.plan is not None))
 
-    def opening(self, req: ChatCompletionRequest) -> list[dict[str, Any]]:
-        """The role, first, as OpenAI streams it."""
+
+class _ChatChoice:
+    def __init__(self, parser: ToolCallParser) -> None:
+        self.parser = parser
+
+    def opening(self) -> list[dict[str, Any]]:
         return [{"delta": {"role": "assistant", "content": ""}}]
 
-    def piece(self, text: str) -> dict[str, Any]:
-        """A content delta."""
-        return {"delta": {"content": text}}
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        return [_delta(e) for e in self.parser.feed(text)]
 
-    def closing(self) -> dict[str, Any]:
-        """An empty delta."""
-        return {"delta": {}}
+    def closing(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
+        deltas = [_delta(e) for e in self.parser.finish()]
+        return [*deltas, {"delta": {}}], self._finish_reason(finish_reason)
+
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        return {"content": [_chat_logprob(e) for e in entries], "refusal": None}
+
+    @property
+    def done(self) -> bool:
+        return self.parser.repeated
+
+    def message(self, finish_reason: str) -> tuple[dict[str, Any], str]:
+        self.parser.finish()
+        content = self.parser.content
+        message: dict[str, Any] = {"role": "assistant", "content": content, "refusal": None}
+        if self.parser.called:
+            message["content"] = content or None
+            message["tool_calls"] = [
+                {"id": i, "type": "function", "function": {"name": n, "arguments": a}}
+                for i, n, a in self.parser.calls
+            ]
+        return {"message": message}, self._finish_reason(finish_reason)
+
+    def _finish_reason(self, finish_reason: str) -> str:
+        if self.parser.called and (finish_reason == "stop" or self.parser.repeated):
+            return "tool_calls"
+        return finish_reason
+
+
+def _delta(event: Event) -> dict[str, Any]:
+    if isinstance(event, Content):
+        return {"delta": {"content": event.text}}
+    if isinstance(event, CallStart):
+        call = {
+            "index": event.index,
+            "id": event.id,
+            "type": "function",
+            "function": {"name": event.name, "arguments": ""},
+        }
+        return {"delta": {"tool_calls": [call]}}
+    return {
+        "delta": {"tool_calls": [{"index": event.index, "function": {"arguments": event.text}}]}
+    }
+
+
+def _chat_logprob(entry: TokenLogprob) -> dict[str, Any]:
+    return {
+        "token": entry.token,
+        "logprob": entry.logprob,
+        "bytes": list(entry.bytes),
+        "top_logprobs": [
+            {"token": t.token, "logprob": t.logprob, "bytes": list(t.bytes)} for t in entry.top
+        ],
+    }
 
 
 class TextShape:
@@ -136,10 +251,18 @@ class TextShape:
     chunk_object = "text_completion"
     extra_fields: dict[str, Any] = {}
 
-    def check(self, req: CompletionRequest, settings: Settings) -> None:
-        """Nothing beyond the schema."""
+    def check(self, req: CompletionRequest, settings: Settings) -> Constraints:
+        """At most MAX_CHOICES choices."""
+        _check_choices(req.n, settings)
+        return Constraints()
 
-    def prompt(self, req: CompletionRequest, engine: InferenceEngine, settings: Settings) -> Prompt:
+    def prompt(
+        self,
+        req: CompletionRequest,
+        engine: InferenceEngine,
+        settings: Settings,
+        constraints: Constraints,
+    ) -> Prompt:
         """The prompt's tokens; an empty one is refused (llama.cpp cannot decode nothing)."""
         tokens = engine.tokenize(req.prompt_text, add_bos=True)
         if not tokens:
@@ -147,24 +270,46 @@ class TextShape:
         return Prompt(tokens, (), "prompt")
 
     def cache_inputs(self, req: CompletionRequest) -> list[Any]:
-        """The prompt and whether it is echoed."""
-        return [req.prompt_text, req.echo]
+        """The prompt, whether it is echoed, logprobs and choices."""
+        return [req.prompt_text, req.echo, req.logprobs, req.n]
 
-    def full_choice(self, req: CompletionRequest, text: str) -> dict[str, Any]:
-        """The text, after the prompt with `echo`."""
-        return {"text": (req.prompt_text + text) if req.echo else text}
+    def choice(self, req: CompletionRequest, constraints: Constraints) -> ChoiceStream:
+        """A continuation (after the prompt with `echo`)."""
+        return _TextChoice(req.prompt_text if req.echo else "")
 
-    def opening(self, req: CompletionRequest) -> list[dict[str, Any]]:
-        """The prompt, with `echo`."""
-        return [{"text": req.prompt_text}] if req.echo else []
 
-    def piece(self, text: str) -> dict[str, Any]:
-        """A text fragment."""
-        return {"text": text}
+class _TextChoice:
+    done = False
 
-    def closing(self) -> dict[str, Any]:
-        """No text."""
-        return {"text": ""}
+    def __init__(self, echoed: str) -> None:
+        self.echoed = echoed
+        self.text = echoed
+        self.offset = len(echoed)  # of the next token, in characters of the choice's text
+
+    def opening(self) -> list[dict[str, Any]]:
+        return [{"text": self.echoed}] if self.echoed else []
+
+    def feed(self, text: str) -> list[dict[str, Any]]:
+        self.text += text
+        return [{"text": text}] if text else []
+
+    def closing(self, finish_reason: str) -> tuple[list[dict[str, Any]], str]:
+        return [{"text": ""}], finish_reason
+
+    def logprobs(self, entries: Sequence[TokenLogprob]) -> dict[str, Any]:
+        offsets = []
+        for e in entries:
+            offsets.append(self.offset)
+            self.offset += len(e.token)
+        return {
+            "tokens": [e.token for e in entries],
+            "token_logprobs": [e.logprob for e in entries],
+            "top_logprobs": [{t.token: t.logprob for t in e.top} for e in entries],
+            "text_offset": offsets,
+        }
+
+    def message(self, finish_reason: str) -> tuple[dict[str, Any], str]:
+        return {"text": self.text}, finish_reason
 
 
 CHAT = ChatShape()
@@ -177,6 +322,8 @@ def _drop_old_turns(
     rendered: tuple[list[int], tuple[str, ...]],
     reserve: int,
     n_ctx: int,
+    *,
+    tools: list[dict[str, Any]] | None,
 ) -> tuple[list[int], tuple[str, ...]]:
     """Sliding window: drop the oldest non-system messages (never the last) until the prompt
     and `reserve` completion tokens fit `n_ctx`."""
@@ -187,5 +334,5 @@ def _drop_old_turns(
         if not droppable:
             break  # nothing left to drop: the usual context_length_exceeded follows
         del kept[droppable[0]]
-        tokens, stops = engine.chat_prompt(kept)
+        tokens, stops = engine.chat_prompt(kept, tools)
     return tokens, stops

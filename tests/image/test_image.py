@@ -47,12 +47,28 @@ def check_usage(body: dict[str, Any]) -> None:
 
 
 def check_chat(body: dict[str, Any]) -> None:
+    """A chat answer: text, or tool calls whose arguments are JSON; structured text parses."""
     assert body["object"] == "chat.completion", body
     choice = body["choices"][0]
-    assert choice["message"]["role"] == "assistant"
-    assert isinstance(choice["message"]["content"], str) and choice["message"]["content"]
-    assert choice["finish_reason"] in {"stop", "length"}
+    message = choice["message"]
+    assert message["role"] == "assistant"
+    if message.get("tool_calls"):
+        assert choice["finish_reason"] == "tool_calls", body
+        for call in message["tool_calls"]:
+            assert call["function"]["name"] and call["id"]
+            assert isinstance(json.loads(call["function"]["arguments"]), dict)
+    else:
+        assert isinstance(message["content"], str) and message["content"]
+        assert choice["finish_reason"] in {"stop", "length"}
     check_usage(body)
+
+
+def check_structured(request: dict[str, Any], body: dict[str, Any]) -> None:
+    """An answer under response_format json_schema: it parses and has the required keys."""
+    check_chat(body)
+    schema = request["response_format"]["json_schema"]["schema"]
+    answer = json.loads(body["choices"][0]["message"]["content"])
+    assert set(schema.get("required", [])) <= set(answer), answer
 
 
 def check_completion(body: dict[str, Any]) -> None:
@@ -83,8 +99,12 @@ def check_sse(text: str) -> None:
     assert data and data[-1] == "[DONE]", text[-500:]
     chunks = [json.loads(d) for d in data[:-1]]
     assert all(c["object"] == "chat.completion.chunk" for c in chunks)
-    content = "".join(c["choices"][0]["delta"].get("content") or "" for c in chunks if c["choices"])
-    assert content
+    deltas = [c["choices"][0]["delta"] for c in chunks if c["choices"]]
+    content = "".join(d.get("content") or "" for d in deltas)
+    arguments = "".join(
+        call["function"].get("arguments") or "" for d in deltas for call in d.get("tool_calls", [])
+    )
+    assert content or isinstance(json.loads(arguments), dict), text[-500:]
     assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["total_tokens"] > 0
 
 
@@ -157,6 +177,8 @@ def check_event_response(event: dict[str, Any], response: Any) -> None:
         check_http(event, response)
     elif is_keep_warm(event):
         check_keep_warm(response)
+    elif "messages" in event and "response_format" in event:
+        check_structured(event, response)
     elif "messages" in event:
         check_chat(response)
     elif "prompt" in event:

@@ -41,7 +41,7 @@ USER = [{"role": "user", "content": "hi"}]
         ({"messages": USER, "max_tokens": 0}, "max_tokens"),
         ({"messages": USER, "max_tokens": 10**9}, "max_tokens"),
         ({"messages": USER, "temperature": "hot"}, "temperature"),
-        ({"messages": USER, "n": 3}, "n"),
+        ({"messages": USER, "n": 99}, "n"),
         ({}, "messages"),
     ],
 )

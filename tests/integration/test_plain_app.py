@@ -28,7 +28,7 @@ CASES = [
     ("/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": -1}),
     ("/v1/chat/completions", {"messages": USER, "max_tokens": 10**9}),
-    ("/v1/chat/completions", {"messages": USER, "n": 2}),
+    ("/v1/chat/completions", {"messages": USER, "n": 99}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "w " * 3000}]}),
     ("/v1/completions", {"prompt": ["a", "b"]}),
     ("/v1/completions", {}),

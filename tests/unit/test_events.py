@@ -12,6 +12,9 @@ EXPECTED = {
     "function-url-chat-stream.json": EventKind.FUNCTION_URL,
     "function-url-models.json": EventKind.FUNCTION_URL,
     "function-url-completion-base64.json": EventKind.FUNCTION_URL,
+    "function-url-responses-stream.json": EventKind.FUNCTION_URL,
+    "function-url-chat-tools.json": EventKind.FUNCTION_URL,
+    "function-url-chat-tools-stream.json": EventKind.FUNCTION_URL,
     "apigw-v1-chat.json": EventKind.API_GATEWAY_V1,
     "apigw-v2-chat.json": EventKind.API_GATEWAY_V2,
     "alb-chat.json": EventKind.ALB,
@@ -21,6 +24,8 @@ EXPECTED = {
     "direct-chat.json": EventKind.DIRECT,
     "direct-completion.json": EventKind.DIRECT,
     "direct-embedding.json": EventKind.DIRECT,
+    "direct-response.json": EventKind.DIRECT,
+    "direct-chat-structured.json": EventKind.DIRECT,
 }
 
 

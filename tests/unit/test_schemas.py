@@ -14,10 +14,16 @@ from handler.service.objects import encode_embedding
 from handler.service.schemas import (
     ChatCompletionRequest,
     ChatMessage,
+    ChosenFunction,
     CompletionRequest,
     EmbeddingRequest,
+    FunctionCall,
+    FunctionDefinition,
+    JsonSchemaFormat,
+    ResponseFormat,
     SamplingRequest,
     TextPart,
+    ToolCall,
     not_utf8,
 )
 
@@ -63,10 +69,18 @@ def test_max_completion_tokens_wins_over_max_tokens():
         {"max_tokens": -5},
         {"temperature": 3},
         {"top_p": 0},
-        {"n": 2},
+        {"n": 0},
         {"stop": ["a", "b", "c", "d", "e"]},
         {"stop": [""]},
-        {"logprobs": True},
+        {"top_logprobs": 2},
+        {"logprobs": True, "top_logprobs": 21},
+        {"tools": [{"type": "function", "function": {"name": "has space"}}]},
+        {"tools": [{"type": "retrieval"}]},
+        {"tool_choice": "sometimes"},
+        {"response_format": {"type": "json_schema"}},
+        {"response_format": {"type": "yaml"}},
+        {"messages": [{"role": "tool", "content": "x"}]},
+        {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
         {"presence_penalty": 9},
     ],
 )
@@ -113,7 +127,17 @@ def test_embedding_inputs_and_base64_encoding_roundtrip():
 SURROGATE = "\ud800"  # what json.loads makes of the JSON escape "\ud800": no UTF-8 for it
 USER = {"role": "user", "content": "hi"}
 
+
 # (request schema, the field that carries the text, body, the param a 400 names)
+def tool(**function):
+    return {"type": "function", "function": {"name": "f", **function}}
+
+
+def assistant_call(id="call_1", name="f", arguments="{}"):
+    call = {"id": id, "type": "function", "function": {"name": name, "arguments": arguments}}
+    return {"role": "assistant", "tool_calls": [call]}
+
+
 NOT_UTF8 = [
     (
         ChatCompletionRequest,
@@ -169,6 +193,93 @@ NOT_UTF8 = [
         {"messages": [USER], "user": SURROGATE},
         "user",
     ),
+    *[
+        (ChatCompletionRequest, owner, field, {"messages": [USER], **body}, param)
+        for owner, field, body, param in [
+            (
+                FunctionDefinition,
+                "name",
+                {"tools": [tool(name=SURROGATE)]},
+                "tools.0.function.name",
+            ),
+            (FunctionDefinition, "description", {"tools": [tool(description=SURROGATE)]}, "tools"),
+            (
+                FunctionDefinition,
+                "parameters",
+                {"tools": [tool(parameters={SURROGATE: 1})]},
+                "tools",
+            ),
+            (
+                ChosenFunction,
+                "name",
+                {"tool_choice": {"type": "function", "function": {"name": SURROGATE}}},
+                "tool_choice",
+            ),
+            (
+                JsonSchemaFormat,
+                "name",
+                {
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"name": SURROGATE, "schema": {}},
+                    }
+                },
+                "response_format.json_schema.name",
+            ),
+            (
+                JsonSchemaFormat,
+                "description",
+                {
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"description": SURROGATE, "schema": {}},
+                    }
+                },
+                "response_format",
+            ),
+            (
+                JsonSchemaFormat,
+                "schema_",
+                {
+                    "response_format": {
+                        "type": "json_schema",
+                        "json_schema": {"schema": {"title": SURROGATE}},
+                    }
+                },
+                "response_format",
+            ),
+            (
+                ResponseFormat,
+                "schema_",
+                {"response_format": {"type": "json_object", "schema": {"title": SURROGATE}}},
+                "response_format",
+            ),
+        ]
+    ],
+    *[
+        (ChatCompletionRequest, owner, field, {"messages": [USER, message]}, param)
+        for owner, field, message, param in [
+            (
+                ChatMessage,
+                "tool_call_id",
+                {"role": "tool", "content": "x", "tool_call_id": SURROGATE},
+                "messages.1.tool_call_id",
+            ),
+            (ToolCall, "id", assistant_call(id=SURROGATE), "messages.1.tool_calls.0.id"),
+            (
+                FunctionCall,
+                "name",
+                assistant_call(name=SURROGATE),
+                "messages.1.tool_calls.0.function.name",
+            ),
+            (
+                FunctionCall,
+                "arguments",
+                assistant_call(arguments=SURROGATE),
+                "messages.1.tool_calls",
+            ),
+        ]
+    ],
     (CompletionRequest, CompletionRequest, "prompt", {"prompt": SURROGATE}, "prompt"),
     (CompletionRequest, CompletionRequest, "prompt", {"prompt": ["\udfff"]}, "prompt"),
     (

@@ -75,6 +75,15 @@ class SamplerConfig:
     frequency_penalty: float
     repeat_penalty: float
     seed: int
+    grammar: str | None = None
+
+
+class GrammarError(BackendError):
+    """llama.cpp could not parse a grammar, or it allows no token at some point."""
+
+
+# Parsed grammars by text: parsing a JSON-schema grammar costs milliseconds, a clone microseconds.
+GRAMMAR_CACHE_ENTRIES = 64
 
 
 class Model:
@@ -258,12 +267,27 @@ class Context:
 
 
 class Sampler:
-    """A native llama.cpp sampler chain (sampling in C, not Python)."""
+    """A native llama.cpp sampler chain (sampling in C, not Python), optionally constrained by a
+    grammar.
 
-    def __init__(self, config: SamplerConfig, n_vocab: int) -> None:
+    With a grammar, a token is drawn from the unconstrained chain first and kept if the grammar
+    accepts it; only when it does not is the grammar applied to the whole vocabulary and the
+    token drawn again (what llama.cpp's own common sampler does). Checking one candidate costs
+    microseconds, masking 49,152 of them milliseconds, and the model's first choice is usually
+    allowed.
+    """
+
+    def __init__(self, config: SamplerConfig, model: Model) -> None:
         lib = bindings()
         self._lib = lib
+        self._n_vocab = model.n_vocab
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
+        self.grammar = _grammar(model, config.grammar) if config.grammar else None
+        self._candidates: Any = None  # numpy view of a llama_token_data[n_vocab], on first use
+        self._build_chain(config, model.n_vocab)
+
+    def _build_chain(self, config: SamplerConfig, n_vocab: int) -> None:
+        lib = self._lib
 
         def add(sampler: Any) -> None:
             lib.llama_sampler_chain_add(self.ptr, sampler)
@@ -293,10 +317,98 @@ class Sampler:
 
     def sample(self, context: Context) -> int:
         """Sample (and accept) the next token from the context's last logits."""
-        return int(self._lib.llama_sampler_sample(self.ptr, context.ptr, -1))
+        if self.grammar is None:
+            return int(self._lib.llama_sampler_sample(self.ptr, context.ptr, -1))
+        lib = self._lib
+        logits = self._logits(context)
+        token = self._draw(logits, constrained=False)
+        if not self._allowed(token):
+            token = self._draw(logits, constrained=True)
+        lib.llama_sampler_accept(self.grammar, token)
+        lib.llama_sampler_accept(self.ptr, token)
+        return token
+
+    def _logits(self, context: Context) -> Any:
+        import numpy as np
+
+        pointer = self._lib.llama_get_logits_ith(context.ptr, -1)
+        return np.ctypeslib.as_array(pointer, shape=(self._n_vocab,))
+
+    def _draw(self, logits: Any, constrained: bool) -> int:
+        """Apply the chain (after the grammar, when `constrained`) to all candidates."""
+        lib = self._lib
+        candidates, array = self._candidate_array()
+        candidates["logit"] = logits
+        if constrained:
+            lib.llama_sampler_apply(self.grammar, ctypes.byref(array))
+            if not (candidates["logit"] > float("-inf")).any():
+                raise GrammarError("the grammar allows no next token")
+        lib.llama_sampler_apply(self.ptr, ctypes.byref(array))
+        return int(array.data[array.selected].id)
+
+    def _candidate_array(self) -> tuple[Any, Any]:
+        import numpy as np
+
+        lib = self._lib
+        if self._candidates is None:
+            dtype = np.dtype([("id", "<i4"), ("logit", "<f4"), ("p", "<f4")])
+            self._candidates = np.zeros(self._n_vocab, dtype=dtype)
+            self._candidates["id"] = np.arange(self._n_vocab, dtype=np.int32)
+        candidates = self._candidates
+        data = candidates.ctypes.data_as(ctypes.POINTER(lib.llama_token_data))
+        # The samplers may reorder, shrink and even re-point the array: a fresh header each time.
+        return candidates, lib.llama_token_data_array(data, self._n_vocab, -1, False)
+
+    def _allowed(self, token: int) -> bool:
+        """Whether the grammar accepts `token` next (checked on one candidate)."""
+        lib = self._lib
+        one = lib.llama_token_data(token, 0.0, 0.0)
+        array = lib.llama_token_data_array(ctypes.pointer(one), 1, -1, False)
+        lib.llama_sampler_apply(self.grammar, ctypes.byref(array))
+        return bool(one.logit != float("-inf"))
 
     def close(self) -> None:
-        """Free the chain."""
+        """Free the chain and the grammar."""
         if self.ptr:
             self._lib.llama_sampler_free(self.ptr)
             self.ptr = None
+        if self.grammar:
+            self._lib.llama_sampler_free(self.grammar)
+            self.grammar = None
+
+
+def token_logprobs(context: Context, token: int, top: int) -> tuple[float, list[tuple[int, float]]]:
+    """The log-probability of `token` under the context's last logits (the model's own
+    distribution) and the `top` most likely tokens with theirs, best first."""
+    import numpy as np
+
+    model = context.model
+    pointer = context._lib.llama_get_logits_ith(context.ptr, -1)
+    logits = np.ctypeslib.as_array(pointer, shape=(model.n_vocab,)).astype(np.float64)
+    peak = logits.max()
+    log_total = peak + math.log(float(np.exp(logits - peak).sum()))
+    best: list[tuple[int, float]] = []
+    if top > 0:
+        ids = np.argpartition(-logits, top - 1)[:top]
+        ids = ids[np.argsort(-logits[ids], kind="stable")]
+        best = [(int(i), float(logits[i] - log_total)) for i in ids]
+    return float(logits[token] - log_total), best
+
+
+# (vocabulary, grammar text) -> a parsed grammar sampler that never samples, only is cloned
+_grammars: dict[tuple[int, str], Any] = {}
+
+
+def _grammar(model: Model, text: str) -> Any:
+    """A fresh grammar sampler for `text`: a clone of the cached parse."""
+    lib = bindings()
+    key = (ctypes.cast(model.vocab, ctypes.c_void_p).value or 0, text)
+    parsed = _grammars.pop(key, None)
+    if parsed is None:
+        parsed = lib.llama_sampler_init_grammar(model.vocab, text.encode("utf-8"), b"root")
+        if not parsed:
+            raise GrammarError("llama.cpp could not parse the grammar")
+        while len(_grammars) >= GRAMMAR_CACHE_ENTRIES:
+            lib.llama_sampler_free(_grammars.pop(next(iter(_grammars))))
+    _grammars[key] = parsed  # most recently used last
+    return lib.llama_sampler_clone(parsed)

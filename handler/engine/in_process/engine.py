@@ -23,7 +23,7 @@ from handler.config import Settings, available_cpus
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
 from handler.engine.engine_base import EngineBase
-from handler.engine.generation import Generation, SamplingParams, StopMatcher
+from handler.engine.generation import Generation, SamplingParams, StopMatcher, TokenLogprob
 from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.prefix_cache import PrefixStateCache
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
@@ -173,10 +173,17 @@ class InProcessEngine(EngineBase):
 
     # ----------------------------------------------------------------- prompts
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], tuple[str, ...]]:
         """Render messages with the model's chat template; return (tokens, extra stop strings)."""
         self.lifecycle.require_usable()
-        return render_chat(self._chat_template, messages, self.tokenize)
+        return render_chat(self._chat_template, messages, self.tokenize, tools)
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the model's chat template renders a `tools` list itself."""
+        return self._chat_template is not None and self._chat_template.takes_tools
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of `text` (read-only vocabulary access: safe off the engine thread)."""
@@ -232,16 +239,25 @@ class InProcessEngine(EngineBase):
                 frequency_penalty=params.frequency_penalty,
                 repeat_penalty=params.repeat_penalty,
                 seed=params.seed if params.seed is not None else random.getrandbits(32),
+                grammar=params.grammar,
             ),
-            model.n_vocab,
+            model,
         )
         decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stops = StopMatcher(params.stop)
         hit_stop = False
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not emitted yet
+
+        def sample() -> int:
+            token: int = sampler.sample(context)
+            if params.logprobs is not None and not model.is_end_of_generation(token):
+                pending.append(self._logprob(token, params.logprobs))
+            return token
+
         started = time.perf_counter()
         try:
             context.evaluate_prompt(prompt)
-            token = sampler.sample(context)
+            token = sample()
             first_at = time.perf_counter()
             result.time_to_first_token_s = first_at - started
             while True:
@@ -251,7 +267,8 @@ class InProcessEngine(EngineBase):
                 result.completion_tokens += 1
                 text, hit_stop = stops.feed(decoder.decode(model.piece(token)))
                 if text:
-                    out.emit(text)
+                    out.emit(text, pending)
+                    pending.clear()
                 if hit_stop:
                     result.finish_reason = "stop"
                     break
@@ -260,15 +277,25 @@ class InProcessEngine(EngineBase):
                 if out.should_stop(deadline):
                     break
                 context.append(token)
-                token = sampler.sample(context)
+                token = sample()
         finally:
             sampler.close()
         if not hit_stop:
             tail, hit_stop = stops.feed(decoder.decode(b"", final=True))
             tail += "" if hit_stop else stops.flush()
-            if tail:
-                out.emit(tail)
+            if tail or (pending and not hit_stop):
+                out.emit(tail, pending)
         result.set_decode_rate(first_at)
+
+    def _logprob(self, token: int, top: int) -> TokenLogprob:
+        """`token`'s log-probability and the `top` best alternatives, from the last logits."""
+        model = self._model_handle
+        logprob, best = self._backend.token_logprobs(self._context, token, top)
+        return TokenLogprob(
+            *_token_text(model.piece(token)),
+            logprob,
+            tuple(TokenLogprob(*_token_text(model.piece(i)), lp) for i, lp in best),
+        )
 
     # ----------------------------------------------------------------- embeddings
 
@@ -307,3 +334,8 @@ class InProcessEngine(EngineBase):
             )
         vectors = [self._embedder.embed(tokens) for tokens in batches]
         return vectors, sum(len(t) for t in batches)
+
+
+def _token_text(piece: bytes) -> tuple[str, tuple[int, ...]]:
+    """A token's text (invalid UTF-8, a fragment of a character, replaced) and its bytes."""
+    return piece.decode("utf-8", errors="replace"), tuple(piece)

@@ -29,7 +29,7 @@ from handler.config import Settings
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
 from handler.engine.engine_base import EngineBase
-from handler.engine.generation import Generation, SamplingParams, StopMatcher
+from handler.engine.generation import Generation, SamplingParams, StopMatcher, TokenLogprob
 from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.llama_server.process import (
     LlamaServer,
@@ -37,7 +37,7 @@ from handler.engine.llama_server.process import (
     complete,
     stream_completion,
 )
-from handler.engine.llama_server.sampling import completion_body
+from handler.engine.llama_server.sampling import completion_body, parse_logprobs
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
@@ -149,10 +149,17 @@ class LlamaServerEngine(EngineBase):
 
     # ----------------------------------------------------------------- prompts
 
-    def chat_prompt(self, messages: list[dict[str, Any]]) -> tuple[list[int], tuple[str, ...]]:
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], tuple[str, ...]]:
         """Render messages with the model's chat template; return (tokens, extra stop strings)."""
         self.lifecycle.require_usable()
-        return render_chat(self._chat_template, messages, self.tokenize)
+        return render_chat(self._chat_template, messages, self.tokenize, tools)
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the model's chat template renders a `tools` list itself."""
+        return self._chat_template is not None and self._chat_template.takes_tools
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of `text`, by the server's vocabulary."""
@@ -204,6 +211,8 @@ class LlamaServerEngine(EngineBase):
         conn = self._require_server().connect(deadlines.seconds_left(deadline, floor_s=0.05))
         stops = StopMatcher(params.stop)
         hit_stop = False
+        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not emitted yet
+        reported = 0  # logprobs emitted so far
         started = time.perf_counter()
         first_at: float | None = None
         try:
@@ -217,11 +226,17 @@ class LlamaServerEngine(EngineBase):
                     eos = chunk.get("stop_type") == "eos"
                     result.completion_tokens = predicted - 1 if eos else predicted
                     result.finish_reason = "stop" if eos else "length"
+                    # The end-of-generation token came as a chunk of its own: not ours either.
+                    del pending[max(0, result.completion_tokens - reported) :]
                     break
                 result.completion_tokens = predicted
+                if params.logprobs is not None:
+                    pending.extend(parse_logprobs(chunk, params.logprobs))
                 text, hit_stop = stops.feed(chunk.get("content", ""))
                 if text:
-                    out.emit(text)
+                    out.emit(text, pending)
+                    reported += len(pending)
+                    pending.clear()
                 if hit_stop:
                     result.finish_reason = "stop"
                     break
@@ -234,8 +249,8 @@ class LlamaServerEngine(EngineBase):
         finally:
             conn.close()  # mid-stream, this makes llama-server cancel the slot's task
         tail = "" if hit_stop else stops.flush()
-        if tail:
-            out.emit(tail)
+        if tail or (pending and not hit_stop):
+            out.emit(tail, pending)
         result.set_decode_rate(first_at)
 
     def _complete(
@@ -286,8 +301,11 @@ class LlamaServerEngine(EngineBase):
             result.time_to_first_token_s = float(timings["prompt_ms"]) / 1000
         if timings.get("predicted_per_second"):
             result.decode_tokens_per_s = float(timings["predicted_per_second"])
-        if answer.get("content"):
-            out.emit(answer["content"])
+        logprobs = parse_logprobs(answer, params.logprobs) if params.logprobs is not None else []
+        if stop_type == "eos":  # the end-of-generation token is not part of the answer
+            logprobs = logprobs[: predicted - 1] if predicted else logprobs
+        if answer.get("content") or logprobs:
+            out.emit(answer.get("content", ""), logprobs)
 
     # ----------------------------------------------------------------- embeddings
 

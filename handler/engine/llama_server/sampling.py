@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from handler.engine.generation import SamplingParams
+from handler.engine.generation import SamplingParams, TokenLogprob
 
 # Same window as the in-process sampler's penalties (bindings.Sampler).
 PENALTY_LAST_N = 64
@@ -50,6 +50,14 @@ def completion_body(
         "stream": stream,
         **sampling_fields(params),
     }
+    if params.grammar:
+        # Applied the same way as in-process: the chain's choice first, the grammar's mask only
+        # when the grammar rejects it (llama.cpp's common sampler).
+        body["grammar"] = params.grammar
+    if params.logprobs is not None:
+        # The model's own distribution (before sampling), as in-process; llama-server computes
+        # nothing at n_probs 0, so ask for one alternative and drop it when none was wanted.
+        body |= {"n_probs": max(1, params.logprobs), "post_sampling_probs": False}
     if not stream and params.stop:
         body["stop"] = list(params.stop)
     if not stream and time_limit_ms is not None:
@@ -90,3 +98,19 @@ def sampling_fields(params: SamplingParams) -> dict[str, Any]:
 def penalised(params: SamplingParams) -> bool:
     """Whether any repetition penalty changes the logits (as `bindings.Sampler` decides)."""
     return bool(params.presence_penalty or params.frequency_penalty or params.repeat_penalty != 1.0)
+
+
+def parse_logprobs(answer: dict[str, Any], top: int) -> list[TokenLogprob]:
+    """The `completion_probabilities` of a /completion answer or chunk, with `top` alternatives."""
+    return [
+        TokenLogprob(
+            entry.get("token", ""),
+            tuple(entry.get("bytes") or ()),
+            float(entry.get("logprob", 0.0)),
+            tuple(
+                TokenLogprob(alt.get("token", ""), tuple(alt.get("bytes") or ()), alt["logprob"])
+                for alt in (entry.get("top_logprobs") or ())[:top]
+            ),
+        )
+        for entry in answer.get("completion_probabilities") or ()
+    ]
