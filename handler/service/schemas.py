@@ -270,6 +270,42 @@ class ChatCompletionRequest(SamplingRequest):
     parallel_tool_calls: bool | None = None
     response_format: ResponseFormat | None = None
 
+    # Fields whose meaning we cannot honour: refused, never silently ignored.
+    functions: Any = None
+    function_call: Any = None
+    logit_bias: Any = None
+    modalities: Any = None
+    audio: Any = None
+    web_search_options: Any = None
+
+    @field_validator("functions", "function_call")
+    @classmethod
+    def _no_legacy_functions(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("the legacy functions API is not supported: send tools/tool_choice")
+        return value
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _no_logit_bias(cls, value: Any) -> Any:
+        if value:
+            raise ValueError("logit_bias is not supported")
+        return value
+
+    @field_validator("modalities")
+    @classmethod
+    def _text_only(cls, value: Any) -> Any:
+        if value is not None and value != ["text"]:
+            raise ValueError("only the text modality is supported")
+        return value
+
+    @field_validator("audio", "web_search_options")
+    @classmethod
+    def _not_offered(cls, value: Any) -> Any:
+        if value is not None:
+            raise ValueError("this model offers no audio output or web search")
+        return value
+
     @model_validator(mode="after")
     def _top_logprobs_need_logprobs(self) -> ChatCompletionRequest:
         if self.top_logprobs and not self.logprobs:

@@ -156,6 +156,8 @@ class ChatShape:
             raise InvalidRequest(
                 "messages render to no tokens: they must have at least one", param="messages"
             )
+        if constraints.prefill:  # our own text: its tags may be the model's special tokens
+            tokens = tokens + engine.tokenize(constraints.prefill, add_bos=False, special=True)
         return Prompt(tokens, stops, "messages")
 
     def cache_inputs(self, req: ChatCompletionRequest) -> list[Any]:
@@ -173,15 +175,18 @@ class ChatShape:
 
     def choice(self, req: ChatCompletionRequest, constraints: Constraints) -> ChoiceStream:
         """An assistant message; tool calls parsed out of it when tools are on."""
-        return _ChatChoice(ToolCallParser(calls_allowed=constraints.plan is not None))
+        parser = ToolCallParser(calls_allowed=constraints.plan is not None)
+        return _ChatChoice(parser, constraints.prefill)
 
 
 class _ChatChoice:
-    def __init__(self, parser: ToolCallParser) -> None:
+    def __init__(self, parser: ToolCallParser, prefill: str) -> None:
         self.parser = parser
+        # The prefilled start of the answer is the answer's: a call's name streams at once.
+        self.prefilled = [_delta(e) for e in parser.feed(prefill)] if prefill else []
 
     def opening(self) -> list[dict[str, Any]]:
-        return [{"delta": {"role": "assistant", "content": ""}}]
+        return [{"delta": {"role": "assistant", "content": ""}}, *self.prefilled]
 
     def feed(self, text: str) -> list[dict[str, Any]]:
         return [_delta(e) for e in self.parser.feed(text)]

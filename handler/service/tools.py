@@ -52,10 +52,13 @@ class ToolPlan:
 
 @dataclass(frozen=True)
 class Constraints:
-    """What a chat request adds to generation: the grammar and whether calls are parsed."""
+    """What a chat request adds to generation: the grammar, whether calls are parsed, and the
+    start of the answer when the grammar leaves only one (`prefill`: evaluated with the prompt,
+    in one batch, instead of decoded token by token; the answer's text begins with it)."""
 
     grammar: str | None = None
     plan: ToolPlan | None = None
+    prefill: str = ""
 
 
 def constraints(req: ChatCompletionRequest) -> Constraints:
@@ -67,7 +70,8 @@ def constraints(req: ChatCompletionRequest) -> Constraints:
         if answer is None:
             return Constraints()
         return Constraints(grammar=answer)
-    return Constraints(grammar=_tools_grammar(req, plan), plan=plan)
+    grammar, prefill = _tools_grammar(req, plan)
+    return Constraints(grammar=grammar, plan=plan, prefill=prefill)
 
 
 def tool_plan(req: ChatCompletionRequest) -> ToolPlan | None:
@@ -132,10 +136,13 @@ def _answer_rule_source(response_format: ResponseFormat | None) -> str | None:
         raise InvalidRequest(_schema_message(exc), param=param) from None
 
 
-def _tools_grammar(req: ChatCompletionRequest, plan: ToolPlan) -> str:
+def _tools_grammar(req: ChatCompletionRequest, plan: ToolPlan) -> tuple[str, str]:
+    """The grammar of the answer and the text it must begin with. `required` and named
+    choices begin with the call's opening (and, for one function, its name): that much is
+    prefilled, and the grammar covers the rest."""
     builder = GrammarBuilder()
     tools = {t.function.name: (i, t) for i, t in enumerate(req.tools or [])}
-    calls = []
+    bodies = []  # per function: its call after `{` up to the closing `}`
     for name in plan.allowed:
         index, tool = tools[name]
         parameters = tool.function.parameters or {"type": "object", "properties": {}}
@@ -149,17 +156,19 @@ def _tools_grammar(req: ChatCompletionRequest, plan: ToolPlan) -> str:
             raise InvalidRequest(
                 _schema_message(exc), param=f"tools.{index}.function.parameters"
             ) from None
-        head = literal(f'{{"name": {json.dumps(name)}, "arguments": ')
-        calls.append(builder.rule(f"call-{index}", f'{head} {arguments} "}}"'))
-    call = builder.rule(
-        "tool-call", f"{literal(CALL_OPEN)} ( {' | '.join(calls)} ) {literal(CALL_CLOSE)}"
-    )
+        head = f'"name": {json.dumps(name)}, "arguments": '
+        bodies.append((head, arguments))
+    alternatives = " | ".join(f"{literal(head)} {arguments}" for head, arguments in bodies)
+    close = literal("}" + CALL_CLOSE)
+    call = builder.rule("tool-call", f"{literal(CALL_OPEN + '{')} ( {alternatives} ) {close}")
     more = f' ( "\\n" {call} ){{0,{MAX_PARALLEL_CALLS - 1}}}' if plan.parallel else ""
-    root = f"{call}{more}"
     if plan.mode == "auto":
         answer = _answer_rule(builder, req.response_format)
-        root = f"( {root} ) | {answer}"
-    return builder.build(root)
+        return builder.build(f"( {call}{more} ) | {answer}"), ""
+    if len(bodies) == 1:  # one function: its name is known, the model writes the arguments
+        head, arguments = bodies[0]
+        return builder.build(f"{arguments} {close}{more}"), CALL_OPEN + "{" + head
+    return builder.build(f"( {alternatives} ) {close}{more}"), CALL_OPEN + "{"
 
 
 def _answer_rule(builder: GrammarBuilder, response_format: ResponseFormat | None) -> str:

@@ -385,6 +385,7 @@ def test_tool_deltas_through_lambda_response_streaming(engine_kind):
         for line in body.split("\n\n")
         if line.startswith("data: {")
     ]
+    assert chunks.pop()["usage"]["completion_tokens"] > 0  # stream_options.include_usage
     deltas = [d for c in chunks for d in c["choices"][0]["delta"].get("tool_calls", [])]
     assert deltas[0]["function"]["name"] == "get_weather" and deltas[0]["id"]
     arguments = "".join(d["function"]["arguments"] for d in deltas if d["index"] == 0)

@@ -81,6 +81,12 @@ def test_max_completion_tokens_wins_over_max_tokens():
         {"response_format": {"type": "yaml"}},
         {"messages": [{"role": "tool", "content": "x"}]},
         {"messages": [{"role": "user", "content": "x", "tool_calls": []}]},
+        {"functions": [{"name": "f"}]},
+        {"function_call": "auto"},
+        {"logit_bias": {"50256": -100}},
+        {"modalities": ["text", "audio"]},
+        {"audio": {"voice": "alloy", "format": "wav"}},
+        {"web_search_options": {}},
         {"presence_penalty": 9},
     ],
 )

@@ -284,6 +284,11 @@ class Sampler:
         self.ptr = lib.llama_sampler_chain_init(lib.llama_sampler_chain_default_params())
         self.grammar = _grammar(model, config.grammar) if config.grammar else None
         self._candidates: Any = None  # numpy view of a llama_token_data[n_vocab], on first use
+        # Without penalties the chain keeps no history, so its first, unconstrained draw can be
+        # llama.cpp's own sample-and-accept (all in C); a rejected token then costs it nothing.
+        self._stateless = not (
+            config.presence_penalty or config.frequency_penalty or config.repeat_penalty != 1.0
+        )
         self._build_chain(config, model.n_vocab)
 
     def _build_chain(self, config: SamplerConfig, n_vocab: int) -> None:
@@ -320,6 +325,12 @@ class Sampler:
         if self.grammar is None:
             return int(self._lib.llama_sampler_sample(self.ptr, context.ptr, -1))
         lib = self._lib
+        if self._stateless:
+            token = int(lib.llama_sampler_sample(self.ptr, context.ptr, -1))
+            if not self._allowed(token):
+                token = self._draw(self._logits(context), constrained=True)
+            lib.llama_sampler_accept(self.grammar, token)
+            return token
         logits = self._logits(context)
         token = self._draw(logits, constrained=False)
         if not self._allowed(token):
