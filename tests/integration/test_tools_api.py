@@ -206,8 +206,15 @@ def test_parse_with_a_pydantic_model_gives_the_typed_object(client):
     assert isinstance(answer.choices[0].message.parsed, City)
 
 
-@pytest.mark.parametrize("form", ["nested", "top-level"])
-def test_json_schema_answers_validate_in_either_form(http, form):
+@pytest.mark.parametrize(
+    ("form", "sampling"),
+    [
+        ("nested", {"temperature": 0.8, "seed": 3}),
+        ("top-level", {"temperature": 0.8, "seed": 3}),
+        ("nested", {"temperature": 0, "presence_penalty": 0.5}),  # a chain with history
+    ],
+)
+def test_json_schema_answers_validate_in_either_form(http, form, sampling):
     schema = City.model_json_schema()
     response_format = (
         {"type": "json_schema", "json_schema": {"name": "city", "schema": schema}}
@@ -217,8 +224,7 @@ def test_json_schema_answers_validate_in_either_form(http, form):
     body = {
         "messages": [{"role": "user", "content": "A city, please."}],
         "response_format": response_format,
-        "temperature": 0.8,
-        "seed": 3,
+        **sampling,
         "max_tokens": 120,
     }
     answer = http.post("/v1/chat/completions", json=body).json()

@@ -342,3 +342,17 @@ def test_a_prefix_of_the_tag_is_held_until_it_is_decided():
     parser = ToolCallParser(calls_allowed=True)
     assert parser.feed("<tool") == []
     assert parser.feed("box>") == [Content("<toolbox>")]
+
+
+def test_what_the_grammar_forces_is_prefilled_and_parsed_as_the_answer():
+    named = {"type": "function", "function": {"name": "get_time"}}
+    one = constraints(request(tools=[WEATHER, TIME], tool_choice=named))
+    assert one.prefill == CALL_OPEN + '{"name": "get_time", "arguments": '
+    many = constraints(request(tools=[WEATHER, TIME], tool_choice="required"))
+    assert many.prefill == CALL_OPEN + "{"
+    assert constraints(request(tools=[WEATHER])).prefill == ""  # auto: the model decides
+    parser = ToolCallParser(calls_allowed=True)
+    events = parser.feed(one.prefill)
+    assert [type(e) for e in events] == [CallStart] and events[0].name == "get_time"
+    parser.feed('{"timezone": "UTC"}}' + CALL_CLOSE)
+    assert [(n, a) for _, n, a in parser.calls] == [("get_time", '{"timezone": "UTC"}')]
