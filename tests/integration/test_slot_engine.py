@@ -298,3 +298,24 @@ def test_the_cheap_sampling_body_picks_the_same_tokens_as_the_old_one(slots, par
     after = tokens(completion_body(prompt, params, stream=False))
     assert len(before) == params.max_tokens
     assert after == before
+
+
+def test_init_prefetch_waits_while_llama_server_starts():
+    """GIVEN a running init prefetch WHEN the engine spawns llama-server THEN that read stops
+    (the child's libraries come from the same storage) and a fresh one runs once the child
+    answers HTTP, reading the whole file."""
+    from handler.model_source.prefetch import Prefetch
+
+    settings = slot_settings()
+    # One reader, small chunks: still reading when the engine spawns the child.
+    first = Prefetch(Path(settings.model_uri), readers=1, budget_bytes=1 << 40, chunk_bytes=512)
+    engine = LlamaServerEngine(settings, prefetch=first.start())
+    engine.start()
+    try:
+        assert engine.wait_loaded(60) in (EngineState.READY, EngineState.WARM)
+        assert first.wait(10) and first.bytes_read < first.planned_bytes
+        second = engine.prefetch
+        assert second is not None and second is not first
+        assert second.wait(60) and second.bytes_read == second.planned_bytes
+    finally:
+        engine.close()

@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from handler.config import Settings
@@ -26,7 +26,9 @@ from handler.errors import ContextLengthExceeded, ModelNotReady
 log = logging.getLogger("coldstart.llama_server")
 
 HOST = "127.0.0.1"
-HEALTH_POLL_S = 0.05
+# /health answers 503 at once while the model loads: polling it often costs little, and the
+# engine is ready at most this long after the child is.
+HEALTH_POLL_S = 0.01
 CALL_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
 
@@ -40,6 +42,9 @@ def server_command(settings: Settings, model_path: str, port: int) -> list[str]:
 
     Each slot gets N_CTX tokens of context (the KV cache is split, not shared); N_GPU_LAYERS=-1
     means every layer on the GPU; llama-server's own warm-up runs only with WARMUP=init.
+    `--fit off`: llama-server's memory fit adjusts only what the command line leaves unset, and
+    this one sets the layers and the context, so the fit could change nothing; it still costs a
+    dry-run load of the model's metadata and vocabulary before the real load.
     """
     layers = "all" if settings.n_gpu_layers < 0 else str(settings.n_gpu_layers)
     command = [
@@ -56,6 +61,7 @@ def server_command(settings: Settings, model_path: str, port: int) -> list[str]:
         "--batch-size", str(settings.n_batch),
         "--alias", settings.model_id,
         "--no-webui",
+        "--fit", "off",
     ]  # fmt: skip
     if settings.warmup != "init":
         command.append("--no-warmup")
@@ -72,8 +78,10 @@ class LlamaServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
 
-    def start(self) -> None:
-        """Spawn the server and wait until it answers /health (the model is loaded)."""
+    def start(self, on_listening: Callable[[], None] | None = None) -> None:
+        """Spawn the server and wait until it answers /health (the model is loaded);
+        `on_listening` runs once when it first answers at all (503 while it loads): its
+        libraries and CUDA are up, and the model load begins."""
         binary = shutil.which(self.settings.llama_server_bin)
         if binary is None:
             raise ServerError(f"LLAMA_SERVER_BIN {self.settings.llama_server_bin!r} not found")
@@ -85,11 +93,16 @@ class LlamaServer:
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         threading.Thread(target=self._pump_log, name="coldstart-llama-log", daemon=True).start()
-        while not self._healthy():
+        while (status := self._health()) != 200:
+            if status is not None and on_listening is not None:
+                on_listening()
+                on_listening = None
             code = self._process.poll()
             if code is not None:
                 raise ServerError(f"llama-server exited with code {code}: {self.last_error()}")
             time.sleep(HEALTH_POLL_S)
+        if on_listening is not None:
+            on_listening()
 
     def wait(self) -> int:
         """Block until the process exits; its exit code."""
@@ -139,13 +152,14 @@ class LlamaServer:
         """A connection for one streamed completion; closing it mid-stream cancels the task."""
         return http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
 
-    def _healthy(self) -> bool:
+    def _health(self) -> int | None:
+        """The status /health answers, None while nothing listens."""
         conn = http.client.HTTPConnection(HOST, self.port, timeout=1.0)
         try:
             conn.request("GET", "/health")
-            return conn.getresponse().status == 200
+            return conn.getresponse().status
         except OSError:
-            return False  # not listening yet
+            return None  # not listening yet
         finally:
             conn.close()
 
