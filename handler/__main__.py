@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("lambda", help="run on Lambda: awslambdaric or our loop, per RUNTIME")
     commands.add_parser("runtime", help="our Lambda Runtime API loop (streaming, concurrency)")
     args = parser.parse_args(argv)
-    if args.command in ("runtime", "lambda"):
+    if args.command in ("runtime", "lambda", "serve"):
         # Before anything heavy is imported: the weights stream in while Python imports the rest.
         from handler.environment import current
         from handler.model_source.prefetch import start_early
@@ -74,18 +74,22 @@ def run_lambda() -> int:
 
 
 def serve_http(settings: Settings, host: str, port: int) -> int:
-    """Start the engine load and serve the app; readiness answers 503 until the model is in."""
-    import uvicorn
-
+    """Start the engine load, then import the web stack while it loads, and serve the app;
+    readiness answers 503 until the model is in."""
     from handler.engine import create_engine
-    from handler.model_source.prefetch import start_for
-    from handler.service.openai_service import OpenAIService
+    from handler.environment import current
+    from handler.model_source.prefetch import start_early, start_for
     from handler.telemetry import configure_logging
-    from handler.web.fastapi_app import create_app
 
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
-    engine = create_engine(settings, start_for(settings))
-    engine.start()
+    early = start_early(current())  # the one `main` started, if it did
+    engine = create_engine(settings, early if early is not None else start_for(settings))
+    engine.start()  # the model (or llama-server's child) loads while the rest is imported
+    import uvicorn
+
+    from handler.service.openai_service import OpenAIService
+    from handler.web.fastapi_app import create_app
+
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)
     return 0

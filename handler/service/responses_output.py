@@ -304,7 +304,10 @@ class _EventWriter:
                 "content": [part],
             }
         else:
-            yield self._event("response.function_call_arguments.done", **where, arguments=text)
+            name = self.item["name"]  # newer clients require it on this event
+            yield self._event(
+                "response.function_call_arguments.done", **where, name=name, arguments=text
+            )
             done = {**self.item, "arguments": text, "status": status}
         yield self._event(
             "response.output_item.done", output_index=where["output_index"], item=done

@@ -114,7 +114,7 @@ def test_truncation_drops_old_turns_but_keeps_system_and_last_message(engine):
     with pytest.raises(ContextLengthExceeded):
         strict.complete(CHAT, request, None)
     sliding = OpenAIService(engine, make_settings(CONTEXT_OVERFLOW="truncate"))
-    prompt = CHAT.prompt(request, engine, sliding.settings)
+    prompt = CHAT.prompt(request, engine, sliding.settings, CHAT.check(request, sliding.settings))
     rendered = "".join(
         engine._model_handle.piece(t, special=True).decode(errors="ignore") for t in prompt.tokens
     )
