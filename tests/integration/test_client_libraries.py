@@ -22,7 +22,7 @@ import pytest
 from pydantic import BaseModel
 
 from tests.integration.servers import http_server
-from tests.integration.test_slot_engine import server_bin
+from tests.integration.test_slot_engine import slot_env
 
 pytestmark = pytest.mark.integration
 
@@ -31,15 +31,7 @@ QUESTION = "Which city is the capital of France? Give its country and population
 TEXT_QUESTION = "Name the capital of France in one word."
 WEATHER_QUESTION = "What is the weather in Paris, in celsius?"
 MAX_TOKENS = 128
-ENGINES = {
-    "in-process": lambda: {},
-    "llama-server": lambda: {
-        "INFERENCE_ENGINE": "llama-server",
-        "LLAMA_SERVER_BIN": server_bin(),
-        "PARALLEL_SLOTS": "2",
-        "N_THREADS": "2",
-    },
-}
+ENGINES = {"in-process": dict, "llama-server": slot_env}
 WEATHER_PARAMETERS = {
     "type": "object",
     "properties": {

@@ -18,7 +18,7 @@ from handler.aws_lambda.app import LambdaApp
 from handler.aws_lambda.streaming import DELIMITER
 from tests.conftest import FakeContext, load_event, make_settings
 from tests.integration.servers import http_server
-from tests.integration.test_slot_engine import server_bin
+from tests.integration.test_slot_engine import slot_env
 
 pytestmark = pytest.mark.integration
 
@@ -37,15 +37,7 @@ WEATHER = {
     },
     "strict": True,
 }
-ENGINES = {
-    "in-process": lambda: {},
-    "llama-server": lambda: {
-        "INFERENCE_ENGINE": "llama-server",
-        "LLAMA_SERVER_BIN": server_bin(),
-        "PARALLEL_SLOTS": "2",
-        "N_THREADS": "2",
-    },
-}
+ENGINES = {"in-process": dict, "llama-server": slot_env}
 
 
 @pytest.fixture(scope="module", params=list(ENGINES))

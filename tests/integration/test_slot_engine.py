@@ -34,15 +34,18 @@ def server_bin() -> str:
     return str(path)
 
 
-def slot_settings(**overrides):
-    values = {
+def slot_env() -> dict[str, str]:
+    """The environment of the llama-server engine the tests run: two slots, two threads."""
+    return {
         "INFERENCE_ENGINE": "llama-server",
         "LLAMA_SERVER_BIN": server_bin(),
         "PARALLEL_SLOTS": "2",
         "N_THREADS": "2",
-        **overrides,
     }
-    return make_settings(**values)
+
+
+def slot_settings(**overrides):
+    return make_settings(**{**slot_env(), **overrides})
 
 
 def started(settings) -> LlamaServerEngine:
