@@ -1,8 +1,8 @@
 """The process environment, read in this one place.
 
 `config.load_settings` validates it into `Settings`. The entry points also read it here before
-Settings exist, for the one thing that must not wait for pydantic: starting the model prefetch
-at the first instant of init (`model_source.prefetch.start_early`).
+Settings exist, for the one thing that must not wait even for that: starting the model
+prefetch at the first instant of init (`model_source.prefetch.start_early`).
 """
 
 from __future__ import annotations

@@ -14,7 +14,7 @@ from urllib.parse import unquote, urlparse
 from handler.model_source.gguf import check_gguf_file
 from handler.model_source.resolved import ModelSourceError, ResolvedModel
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 from handler.model_source.local_file import resolve_local_file
 from handler.model_source.resolved import Progress, ResolvedModel
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from handler.model_source.resolved import ModelSourceError
 from handler.model_source.s3_object import ObjectInfo, S3Location
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 log = logging.getLogger("coldstart.s3")

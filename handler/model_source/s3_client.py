@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 from handler.model_source.resolved import ModelSourceError
 from handler.model_source.s3_object import ObjectInfo, S3Location
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 # A stalled connection should fail over to a retry well before Lambda's timeout, not after

@@ -34,7 +34,7 @@ from handler.model_source.s3_transfer import (
     transfer_error,
 )
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 log = logging.getLogger("coldstart.s3")

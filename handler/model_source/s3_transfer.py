@@ -18,7 +18,7 @@ from handler.model_source.resolved import ModelSourceError, Progress
 from handler.model_source.s3_checksum import PrefixHasher
 from handler.model_source.s3_object import ObjectInfo, S3Location
 
-if TYPE_CHECKING:  # annotations only: the package imports without pydantic
+if TYPE_CHECKING:  # annotations only
     from handler.config import Settings
 
 log = logging.getLogger("coldstart.s3")

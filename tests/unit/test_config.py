@@ -91,3 +91,70 @@ def test_threads_follow_a_cgroup_v1_quota(tmp_path):
     assert available_cpus(tmp_path) == 1
     (tmp_path / "cpu/cpu.cfs_quota_us").write_text("-1\n")
     assert available_cpus(tmp_path) >= 1
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"), [("true", True), ("1", True), ("YES", True), ("off", False), ("0", False)]
+)
+def test_booleans_take_the_usual_words(text, expected):
+    assert load_settings({"MODEL_VERIFY_HASH": text}).model_verify_hash is expected
+
+
+@pytest.mark.parametrize(
+    ("env", "reason"),
+    [
+        ({"MODEL_VERIFY_HASH": "maybe"}, "must be a boolean"),
+        ({"WARMUP": "eager"}, "must be one of 'lazy', 'init', 'off'"),
+        ({"N_CTX": "32"}, "greater than or equal to 64"),
+        ({"INIT_BUDGET_S": "0"}, "greater than 0"),
+        ({"INIT_BUDGET_S": "nan"}, "finite"),
+        ({"S3_CONCURRENCY": "65"}, "less than or equal to 64"),
+        ({"MODEL_URI": "  "}, "must not be empty"),
+    ],
+)
+def test_invalid_values_say_why(env, reason):
+    with pytest.raises(ConfigError, match=reason):
+        load_settings(env)
+
+
+def test_the_api_key_is_masked_in_repr():
+    settings = load_settings({"API_KEY": "sk-secret"})
+    assert "sk-secret" not in repr(settings)
+    assert "sk-secret" not in str(settings.api_key)
+
+
+def test_settings_know_which_fields_the_environment_set():
+    settings = load_settings({"N_THREADS": "3", "PORT": "9000", "UNRELATED": "x"})
+    assert settings.set_by_environment == {"n_threads", "port"}
+    assert load_settings({}).set_by_environment == frozenset()
+
+
+def test_values_are_normalised_before_checks():
+    settings = load_settings({"INVOKE_MODE": " response_stream ", "AWS_LAMBDA_LOG_FORMAT": "json"})
+    assert settings.invoke_mode == "RESPONSE_STREAM"
+    assert settings.aws_lambda_log_format == "JSON"
+    assert load_settings({"AWS_LAMBDA_LOG_FORMAT": "anything"}).aws_lambda_log_format == "Text"
+
+
+def test_settings_are_frozen():
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        load_settings({}).n_ctx = 1  # type: ignore[misc]
+
+
+def test_config_imports_without_pydantic():
+    # The config is read before the model load starts on every cold start: pydantic must not be
+    # part of that path (it waits for the web stack, which imports while the model loads).
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, handler.config, handler.engine.in_process.engine, "
+        "handler.engine.llama_server.engine, handler.aws_lambda.init; "
+        "print('pydantic' in sys.modules)"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True
+    )
+    assert result.stdout.strip() == "False"

@@ -38,7 +38,7 @@ def container() -> dict[str, Any]:
 
 
 def check_environment(env: dict[str, str]) -> Settings:
-    unknown = [name for name in env if name.lower() not in Settings.model_fields]
+    unknown = [name for name in env if name not in Settings.variables()]
     assert not unknown, f"not Settings fields: {unknown}"
     return load_settings(env)
 

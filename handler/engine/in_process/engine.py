@@ -86,7 +86,7 @@ class InProcessEngine(EngineBase):
     def restored(self) -> None:
         """After a restore: as many llama.cpp threads as this machine's CPUs, unless N_THREADS
         pins them."""
-        if "n_threads" in self.settings.model_fields_set:
+        if "n_threads" in self.settings.set_by_environment:
             return
         threads = available_cpus()
         if threads != self.threads and self._context is not None:
