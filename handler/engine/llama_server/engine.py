@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import atexit
 import contextlib
-import http.client
 import importlib
 import logging
 import socket
@@ -33,6 +32,7 @@ from handler.engine.engine_base import EngineBase
 from handler.engine.generation import Generation, SamplingParams, StopMatcher, TokenLogprob
 from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.llama_server.process import (
+    AnswerBroken,
     LlamaServer,
     ServerError,
     complete,
@@ -316,7 +316,7 @@ class LlamaServerEngine(EngineBase):
         threading.Thread(target=close_when_cancelled, daemon=True).start()
         try:
             answer = complete(conn, body)
-        except (TimeoutError, OSError, http.client.HTTPException):
+        except (TimeoutError, OSError, AnswerBroken):
             if out.cancelled or deadline is not None:
                 result.interrupted = True
                 return
