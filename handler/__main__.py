@@ -78,6 +78,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     readiness answers 503 until the model is in."""
     from handler.engine import create_engine
     from handler.environment import current
+    from handler.heap import freeze_after_load
     from handler.model_source.prefetch import start_early, start_for
     from handler.telemetry import configure_logging
 
@@ -91,6 +92,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.web.fastapi_app import create_app
 
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
+    freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)
     return 0
 

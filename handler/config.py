@@ -173,6 +173,11 @@ class Settings:
     llama_server_bin: str = setting("llama-server", description="Path, or a name on PATH")
     parallel_slots: int = setting(8, ge=1, le=1024, description="llama-server slots (-np)")
     llama_server_args: str = setting("", description="Extra llama-server flags, shell-quoted")
+    # Sampling on the device that computed the logits (llama.cpp's backend sampling): the slot's
+    # chain runs in the graph and one token id comes back instead of the vocabulary's logits.
+    backend_sampling: Literal["auto", "on", "off"] = setting(
+        "auto", description="auto: on when N_GPU_LAYERS puts layers on a GPU"
+    )
 
     # API
     api_key: Secret | None = None
@@ -237,6 +242,13 @@ class Settings:
         if self.aws_lambda_log_level is None:
             return self.log_level.upper()
         return LAMBDA_LOG_LEVELS[self.aws_lambda_log_level]
+
+    @property
+    def samples_on_backend(self) -> bool:
+        """Whether llama-server samples on the device (BACKEND_SAMPLING, auto: with a GPU)."""
+        if self.backend_sampling == "auto":
+            return self.n_gpu_layers != 0
+        return self.backend_sampling == "on"
 
     @property
     def model_id(self) -> str:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from handler.aws_lambda import snapstart
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine import EngineState, create_engine
+from handler.heap import freeze_after_load
 from handler.model_source.prefetch import Prefetch, start_for
 from handler.telemetry import configure_logging
 
@@ -54,6 +55,7 @@ def init(
     from handler.aws_lambda.app import LambdaApp
 
     lambda_app = LambdaApp(engine, settings)
+    freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     remaining = settings.init_budget_s - (time.perf_counter() - started)
     state = engine.wait_loaded(max(0.0, remaining))
     lambda_app.init_s = time.perf_counter() - started

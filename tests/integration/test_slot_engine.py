@@ -301,6 +301,10 @@ def test_the_cheap_sampling_body_picks_the_same_tokens_as_the_old_one(slots, par
     after = tokens(completion_body(prompt, params, stream=False))
     assert len(before) == params.max_tokens
     assert after == before
+    # The same chain run on the device (here the CPU backend, in the decode graph).
+    on_backend = completion_body(prompt, params, stream=False, on_backend=True)
+    assert on_backend["backend_sampling"] is True
+    assert tokens(on_backend) == before
 
 
 def test_init_prefetch_waits_while_llama_server_starts():

@@ -6,6 +6,8 @@ whole vocabulary on llama-server's sampling thread)."""
 
 from __future__ import annotations
 
+import pytest
+
 from handler.engine.generation import SamplingParams
 from handler.engine.llama_server.sampling import completion_body
 
@@ -97,3 +99,32 @@ def test_a_buffered_body_carries_the_stops_and_the_time_limit():
     assert "stop" not in streamed and "t_max_predict_ms" not in streamed
     no_stops = completion_body(PROMPT, SamplingParams(max_tokens=4), stream=False)
     assert "stop" not in no_stops and "t_max_predict_ms" not in no_stops
+
+
+def test_backend_sampling_is_asked_for_where_the_request_allows():
+    greedy = SamplingParams(max_tokens=4, temperature=0.0)
+    assert completion_body(PROMPT, greedy, stream=True, on_backend=True)["backend_sampling"]
+    drawn = SamplingParams(max_tokens=4, temperature=0.7, top_p=0.9, presence_penalty=0.5, seed=1)
+    assert completion_body(PROMPT, drawn, stream=False, on_backend=True)["backend_sampling"]
+    assert "backend_sampling" not in completion_body(PROMPT, greedy, stream=True)
+    # A grammar and logprobs need the logits on the host.
+    grammar = SamplingParams(max_tokens=4, grammar='root ::= "a"')
+    assert "backend_sampling" not in completion_body(PROMPT, grammar, stream=True, on_backend=True)
+    logprobs = SamplingParams(max_tokens=4, logprobs=2)
+    assert "backend_sampling" not in completion_body(PROMPT, logprobs, stream=True, on_backend=True)
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({}, False),
+        ({"N_GPU_LAYERS": "-1"}, True),
+        ({"N_GPU_LAYERS": "12"}, True),
+        ({"N_GPU_LAYERS": "-1", "BACKEND_SAMPLING": "off"}, False),
+        ({"BACKEND_SAMPLING": "on"}, True),
+    ],
+)
+def test_backend_sampling_follows_the_gpu_unless_set(env, expected):
+    from handler.config import load_settings
+
+    assert load_settings(env).samples_on_backend is expected

@@ -249,7 +249,12 @@ class LlamaServerEngine(EngineBase):
         started = time.perf_counter()
         first_at: float | None = None
         try:
-            for chunk in stream_completion(conn, completion_body(prompt, params, stream=True)):
+            for chunk in stream_completion(
+                conn,
+                completion_body(
+                    prompt, params, stream=True, on_backend=self.settings.samples_on_backend
+                ),
+            ):
                 if first_at is None:
                     first_at = time.perf_counter()
                     result.time_to_first_token_s = first_at - started
@@ -297,7 +302,13 @@ class LlamaServerEngine(EngineBase):
         if not out.begin(params.max_tokens, deadline):
             return
         limit_ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
-        body = completion_body(prompt, params, stream=False, time_limit_ms=limit_ms)
+        body = completion_body(
+            prompt,
+            params,
+            stream=False,
+            time_limit_ms=limit_ms,
+            on_backend=self.settings.samples_on_backend,
+        )
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         conn = self._require_server().connect(None if left is None else left + 1.0)
         done = threading.Event()

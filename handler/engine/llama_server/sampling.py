@@ -14,6 +14,12 @@ top-p (p < 1), min-p (p > 0), temperature and a seeded draw. We ask for exactly 
 is `top_k` 1: one pass keeps the best candidate and the draw of a single candidate costs nothing;
 the first best wins ties, as with llama.cpp's greedy sampler. A sampler whose setting leaves the
 distribution as it is, is not listed, so it costs nothing either.
+
+With `on_backend` (BACKEND_SAMPLING; by default whenever layers are on a GPU) the chain runs on
+the device, in the decode graph (llama.cpp's backend sampling: every sampler we list has a
+device implementation): per slot and token one id comes back instead of 49,152 logits (196 KB)
+and the server's sampling thread has nothing left to do. A grammar or logprobs need the logits
+on the host; those requests sample there as before (llama-server would fall back on its own).
 """
 
 from __future__ import annotations
@@ -36,8 +42,10 @@ def completion_body(
     *,
     stream: bool,
     time_limit_ms: int | None = None,
+    on_backend: bool = False,
 ) -> dict[str, Any]:
-    """A /completion request for `prompt` sampled as `params` say.
+    """A /completion request for `prompt` sampled as `params` say (on the device with
+    `on_backend`, where the request allows).
 
     A streamed answer is matched against the stop strings here (`StopMatcher`), token by token;
     a buffered one asks llama-server to stop at them and, with `time_limit_ms`, to stop at the
@@ -58,6 +66,8 @@ def completion_body(
         # The model's own distribution (before sampling), as in-process; llama-server computes
         # nothing at n_probs 0, so ask for one alternative and drop it when none was wanted.
         body |= {"n_probs": max(1, params.logprobs), "post_sampling_probs": False}
+    if on_backend and not params.grammar and params.logprobs is None:
+        body["backend_sampling"] = True
     if not stream and params.stop:
         body["stop"] = list(params.stop)
     if not stream and time_limit_ms is not None:
