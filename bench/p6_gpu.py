@@ -226,6 +226,7 @@ def slug(name: str) -> str:
 STEPS = {
     "llama_bench": "bench",
     "anchor": "anchor",
+    "anchor_bs": "anchor-bs",
     "slots": "slots",
     "runtime": "runtime",
     "llama": "llama",
@@ -256,7 +257,10 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=3.0, help="per level, not measured")
     parser.add_argument("--window-s", type=float, default=12.0, help="per level, measured")
     parser.add_argument(
-        "--only", nargs="*", default=["bench", "anchor", "slots", "runtime", "llama"]
+        "--only",
+        nargs="*",
+        default=["bench", "anchor", "slots", "runtime", "llama"],
+        help="steps; also anchor-bs: llama-server alone with --backend-sampling",
     )
     parser.add_argument("--resume", action="store_true", help="skip steps already in p6.json")
     args = parser.parse_args()
@@ -298,6 +302,17 @@ def main() -> None:
             "llama-server", cmd, env, port, ready_path="/health", levels=args.levels, args=args
         )
         save()
+    if "anchor-bs" in args.only:
+        # llama-server alone with backend sampling for every request (`--backend-sampling`),
+        # what ours asks for per request on a GPU (BACKEND_SAMPLING=auto).
+        port = free_port()
+        settings = load_settings({**env, "INFERENCE_ENGINE": "llama-server"})
+        cmd = [*server_command(settings, str(args.model), port), "--backend-sampling"]
+        results["anchor_bs"] = measure(
+            "llama-server --backend-sampling", cmd, env, port, ready_path="/health",
+            levels=args.levels, args=args,
+        )  # fmt: skip
+        save()
     if "slots" in args.only:
         port = free_port()
         slots_env = {**env, "INFERENCE_ENGINE": "llama-server"}
@@ -331,7 +346,7 @@ def report(results: dict[str, Any]) -> str:
     tg = bench.get("tg128", {}).get("avg_ts")
     if pp and tg:
         lines.append(f"llama-bench: pp512 {pp:.0f} tok/s, tg128 {tg:.1f} tok/s\n")
-    servers = [results[k] for k in ("anchor", "slots", "llama") if k in results]
+    servers = [results[k] for k in ("anchor", "anchor_bs", "slots", "llama") if k in results]
     if servers:
         head = ["server", "load s", "TTFT cold ms", "TTFT warm ms", "decode tok/s", "prompt tok/s"]
         lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -342,7 +357,7 @@ def report(results: dict[str, Any]) -> str:
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
     lines += level_table(results)
-    for key in ("slots", "runtime", "llama"):
+    for key in ("anchor_bs", "slots", "runtime", "llama"):
         r = results.get(key)
         if r:
             lines.append(f"\n{r['name']}: " + ", ".join(ratios(r, results, tg, pp)))
@@ -354,7 +369,7 @@ def level_table(results: dict[str, Any]) -> list[str]:
     head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
     head += ["latency p50 s", "/healthz p50/p99 ms", "/readyz p50/p99 ms", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for key in ("anchor", "slots", "runtime", "llama"):
+    for key in ("anchor", "anchor_bs", "slots", "runtime", "llama"):
         r = results.get(key)
         for mode, levels in (r or {}).get("levels", {}).items():
             for level, f in levels.items():
