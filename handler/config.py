@@ -176,7 +176,7 @@ class Settings:
     # Sampling on the device that computed the logits (llama.cpp's backend sampling): the slot's
     # chain runs in the graph and one token id comes back instead of the vocabulary's logits.
     backend_sampling: Literal["auto", "on", "off"] = setting(
-        "auto", description="auto: on when N_GPU_LAYERS puts layers on a GPU"
+        "auto", description="auto: with GPU layers, while 32 or more generations are in flight"
     )
 
     # API
@@ -242,13 +242,6 @@ class Settings:
         if self.aws_lambda_log_level is None:
             return self.log_level.upper()
         return LAMBDA_LOG_LEVELS[self.aws_lambda_log_level]
-
-    @property
-    def samples_on_backend(self) -> bool:
-        """Whether llama-server samples on the device (BACKEND_SAMPLING, auto: with a GPU)."""
-        if self.backend_sampling == "auto":
-            return self.n_gpu_layers != 0
-        return self.backend_sampling == "on"
 
     @property
     def model_id(self) -> str:

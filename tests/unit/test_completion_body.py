@@ -115,16 +115,19 @@ def test_backend_sampling_is_asked_for_where_the_request_allows():
 
 
 @pytest.mark.parametrize(
-    ("env", "expected"),
+    ("env", "in_flight", "expected"),
     [
-        ({}, False),
-        ({"N_GPU_LAYERS": "-1"}, True),
-        ({"N_GPU_LAYERS": "12"}, True),
-        ({"N_GPU_LAYERS": "-1", "BACKEND_SAMPLING": "off"}, False),
-        ({"BACKEND_SAMPLING": "on"}, True),
+        ({}, 64, False),  # no GPU layers: host sampling
+        ({"N_GPU_LAYERS": "-1"}, 64, True),
+        ({"N_GPU_LAYERS": "12"}, 32, True),
+        ({"N_GPU_LAYERS": "-1"}, 31, False),  # few slots busy: host sampling is faster
+        ({"N_GPU_LAYERS": "-1"}, 1, False),
+        ({"N_GPU_LAYERS": "-1", "BACKEND_SAMPLING": "off"}, 64, False),
+        ({"BACKEND_SAMPLING": "on"}, 1, True),
     ],
 )
-def test_backend_sampling_follows_the_gpu_unless_set(env, expected):
+def test_backend_sampling_needs_a_gpu_and_a_busy_server_unless_set(env, in_flight, expected):
     from handler.config import load_settings
+    from handler.engine.llama_server.sampling import samples_on_backend
 
-    assert load_settings(env).samples_on_backend is expected
+    assert samples_on_backend(load_settings(env), in_flight) is expected

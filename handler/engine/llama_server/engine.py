@@ -38,7 +38,11 @@ from handler.engine.llama_server.process import (
     complete,
     stream_completion,
 )
-from handler.engine.llama_server.sampling import completion_body, parse_logprobs
+from handler.engine.llama_server.sampling import (
+    completion_body,
+    parse_logprobs,
+    samples_on_backend,
+)
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
@@ -216,14 +220,15 @@ class LlamaServerEngine(EngineBase):
         generation = Generation.start(len(prompt), streaming, cancel)
         with self._in_flight_lock:
             self._in_flight += 1
+            on_backend = samples_on_backend(self.settings, self._in_flight)
 
         def job() -> None:
             error: BaseException | None = None
             try:
                 if streaming:
-                    self._stream(prompt, params, deadline, generation)
+                    self._stream(prompt, params, deadline, generation, on_backend)
                 else:
-                    self._complete(prompt, params, deadline, generation)
+                    self._complete(prompt, params, deadline, generation, on_backend)
             except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
                 error = exc
             finally:
@@ -235,7 +240,12 @@ class LlamaServerEngine(EngineBase):
         return generation
 
     def _stream(
-        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None,
+        out: Generation,
+        on_backend: bool,
     ) -> None:
         result = out.result
         self.lifecycle.warmed()  # the first real request warms the model
@@ -251,9 +261,7 @@ class LlamaServerEngine(EngineBase):
         try:
             for chunk in stream_completion(
                 conn,
-                completion_body(
-                    prompt, params, stream=True, on_backend=self.settings.samples_on_backend
-                ),
+                completion_body(prompt, params, stream=True, on_backend=on_backend),
             ):
                 if first_at is None:
                     first_at = time.perf_counter()
@@ -292,7 +300,12 @@ class LlamaServerEngine(EngineBase):
         result.set_decode_rate(first_at)
 
     def _complete(
-        self, prompt: list[int], params: SamplingParams, deadline: float | None, out: Generation
+        self,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None,
+        out: Generation,
+        on_backend: bool,
     ) -> None:
         """A buffered request as one non-streamed /completion: llama-server applies the stop
         strings and the time limit, and this process parses one JSON answer instead of one per
@@ -307,7 +320,7 @@ class LlamaServerEngine(EngineBase):
             params,
             stream=False,
             time_limit_ms=limit_ms,
-            on_backend=self.settings.samples_on_backend,
+            on_backend=on_backend,
         )
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         conn = self._require_server().connect(None if left is None else left + 1.0)
