@@ -79,12 +79,12 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.engine import create_engine
     from handler.environment import current
     from handler.heap import freeze_after_load
-    from handler.model_source.prefetch import start_early, start_for
+    from handler.model_source.prefetch import start_at_init, start_early
     from handler.telemetry import configure_logging
 
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
     early = start_early(current())  # the one `main` started, if it did
-    engine = create_engine(settings, early if early is not None else start_for(settings))
+    engine = create_engine(settings, early if early is not None else start_at_init(settings))
     engine.start()  # the model (or llama-server's child) loads while the rest is imported
     import uvicorn
 
@@ -92,6 +92,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.web.fastapi_app import create_app
 
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
+    engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)
     return 0

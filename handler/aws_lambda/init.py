@@ -16,7 +16,7 @@ from handler.aws_lambda import snapstart
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine import EngineState, create_engine
 from handler.heap import freeze_after_load
-from handler.model_source.prefetch import Prefetch, start_for
+from handler.model_source.prefetch import Prefetch, start_at_init
 from handler.telemetry import configure_logging
 
 if TYPE_CHECKING:
@@ -49,12 +49,13 @@ def init(
         raise InitError(str(exc)) from None
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
     if prefetch is None:
-        prefetch = start_for(settings)
+        prefetch = start_at_init(settings)
     engine = create_engine(settings, prefetch)
     engine.start()  # the mmap load overlaps the imports and the app built below
     from handler.aws_lambda.app import LambdaApp
 
     lambda_app = LambdaApp(engine, settings)
+    engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     remaining = settings.init_budget_s - (time.perf_counter() - started)
     state = engine.wait_loaded(max(0.0, remaining))

@@ -29,6 +29,11 @@ class InferenceEngine(Protocol):
         """Begin resolving and loading the model in the background (idempotent)."""
         ...
 
+    def app_built(self) -> None:
+        """The entry point has imported and built what serves requests: storage it read from
+        is free for the engine's own read-ahead."""
+        ...
+
     def wait_loaded(self, timeout_s: float | None) -> EngineState:
         """Block until loaded or failed, or until `timeout_s`; the state then."""
         ...

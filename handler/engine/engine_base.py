@@ -42,6 +42,9 @@ class EngineBase:
         """Start loading on a thread of its own (`_run`), once."""
         self.lifecycle.start(self._run, name=self.thread_name)
 
+    def app_built(self) -> None:
+        """The entry point's imports are done (an engine that waits for them overrides this)."""
+
     def wait_loaded(self, timeout_s: float | None) -> EngineState:
         """Block until the model is loaded or failed, or until `timeout_s`; return the state."""
         return self.lifecycle.wait_loaded(timeout_s)

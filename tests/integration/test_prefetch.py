@@ -101,6 +101,8 @@ def evicted_copy(real_model: Path, tmp_path: Path) -> Path:
         {"MODEL_URI": "s3://bucket/model.gguf"},
         {"PREFETCH_READERS": "many"},
         {"MODEL_URI": "/nonexistent/model.gguf"},
+        # Its engine starts the read-ahead once the child is up and our imports are done.
+        {"INFERENCE_ENGINE": "llama-server"},
     ],
 )
 def test_no_early_prefetch_where_there_is_nothing_local_to_read(
@@ -133,3 +135,14 @@ def test_a_model_already_in_memory_is_not_read_again(real_model: Path):
         while f.read(8 << 20):
             pass
     assert start(real_model) is None
+
+
+def test_init_starts_no_prefetch_for_the_llama_server_engine(real_model, tmp_path):
+    from handler.config import load_settings
+    from handler.model_source.prefetch import start_at_init
+
+    copy = evicted_copy(real_model, tmp_path)
+    slots = load_settings({"MODEL_URI": str(copy), "INFERENCE_ENGINE": "llama-server"})
+    assert start_at_init(slots) is None
+    in_process = start_at_init(load_settings({"MODEL_URI": str(copy)}))
+    assert in_process is not None and in_process.wait(60)

@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from handler.engine import EngineState, SamplingParams
 from handler.engine.llama_server.engine import LlamaServerEngine
 from handler.engine.llama_server.sampling import completion_body
-from tests.conftest import FakeContext, http_app, load_event, make_settings
+from tests.conftest import FakeContext, http_app, load_event, make_settings, model_path
 
 pytestmark = pytest.mark.integration
 
@@ -305,6 +305,44 @@ def test_the_cheap_sampling_body_picks_the_same_tokens_as_the_old_one(slots, par
     on_backend = completion_body(prompt, params, stream=False, on_backend=True)
     assert on_backend["backend_sampling"] is True
     assert tokens(on_backend) == before
+
+
+def test_the_engine_reads_ahead_once_the_child_is_up_and_the_app_is_built(tmp_path):
+    """GIVEN no prefetch at init (the llama-server engine's default) WHEN the child answers HTTP
+    and the entry point says its app is built THEN the engine reads the model ahead itself; not
+    before both (the child's libraries and our imports come from the same storage)."""
+    from tests.integration.test_prefetch import evicted_copy
+
+    copy = evicted_copy(model_path(), tmp_path)  # out of the page cache: worth reading ahead
+    engine = LlamaServerEngine(slot_settings(model_uri=str(copy)))
+    engine.start()
+    try:
+        assert engine.wait_loaded(60) in (EngineState.READY, EngineState.WARM)
+        assert engine.prefetch is None  # the child is up, the app not built yet
+        engine.app_built()
+        # llama-server's own load read the whole (small) file meanwhile: nothing is left to
+        # read ahead, and a resident model is not read again.
+        assert engine.prefetch is None
+    finally:
+        engine.close()
+
+
+def test_the_app_built_first_then_the_child_starts_the_read_ahead(tmp_path):
+    """The usual order with a small model: our imports are done before the child listens, so
+    the read-ahead starts when it does, reading the model beside llama-server's load."""
+    from tests.integration.test_prefetch import evicted_copy
+
+    copy = evicted_copy(model_path(), tmp_path)
+    engine = LlamaServerEngine(slot_settings(model_uri=str(copy)))
+    engine.app_built()
+    engine.start()
+    try:
+        assert engine.wait_loaded(60) in (EngineState.READY, EngineState.WARM)
+        prefetch = engine.prefetch
+        assert prefetch is not None
+        assert prefetch.wait(60) and prefetch.error is None and prefetch.bytes_read > 0
+    finally:
+        engine.close()
 
 
 def test_init_prefetch_waits_while_llama_server_starts():

@@ -46,9 +46,26 @@ from handler.engine.llama_server.sampling import (
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
-from handler.model_source.prefetch import Prefetch
+from handler.model_source.prefetch import Prefetch, start_for
 
 log = logging.getLogger("coldstart.llama_server")
+
+
+class Gate:
+    """Runs `then` once, on the thread of the last of `count` arrivals."""
+
+    def __init__(self, count: int, then: Callable[[], None]) -> None:
+        self._left = count
+        self._then = then
+        self._lock = threading.Lock()
+
+    def arrive(self) -> None:
+        """One arrival; the last one runs `then`."""
+        with self._lock:
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._then()
 
 
 class LlamaServerEngine(EngineBase):
@@ -68,6 +85,9 @@ class LlamaServerEngine(EngineBase):
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._closing = False
+        # The read-ahead started here waits for the child to answer HTTP (its libraries read)
+        # and for the entry point's imports (`app_built`): both read the storage the model is on.
+        self._prefetch_gate = Gate(2, self._prefetch_when_both_arrived)
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -160,7 +180,9 @@ class LlamaServerEngine(EngineBase):
         one read is in the page cache already.
         """
         first = self.prefetch
-        if first is None or first.done:
+        if first is None:  # none at init (`start_at_init`): it starts with the model load
+            return self._start_prefetch
+        if first.done:
             return None
         first.stop()
 
@@ -170,6 +192,16 @@ class LlamaServerEngine(EngineBase):
             ).start()
 
         return resume
+
+    def app_built(self) -> None:
+        """Our web stack is imported: the read-ahead may start once the child is up too."""
+        self._prefetch_gate.arrive()
+
+    def _start_prefetch(self) -> None:
+        self._prefetch_gate.arrive()
+
+    def _prefetch_when_both_arrived(self) -> None:
+        self.prefetch = start_for(self.settings)
 
     def _watch(self) -> None:
         """A server that dies takes the engine to `failed`: readiness then answers 503."""
