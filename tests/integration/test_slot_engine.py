@@ -307,6 +307,33 @@ def test_the_cheap_sampling_body_picks_the_same_tokens_as_the_old_one(slots, par
     assert tokens(on_backend) == before
 
 
+def test_device_and_host_sampling_share_a_batch(slots):
+    """BACKEND_SAMPLING=auto switches per request, so one decode batch can hold slots that
+    sample on the device beside slots that sample on the host: each gets its own tokens."""
+    server = slots._require_server()
+    prompt = slots.tokenize("The old lighthouse keeper climbed the stairs and")
+    greedy = SamplingParams(max_tokens=24, temperature=0.0)
+    drawn = SamplingParams(max_tokens=24, temperature=0.8, top_p=0.9, seed=7)
+
+    def tokens(params: SamplingParams, on_backend: bool) -> list[int]:
+        body = completion_body(prompt, params, stream=False, on_backend=on_backend)
+        return server.call("POST", "/completion", {**body, "return_tokens": True})["tokens"]
+
+    alone = {name: tokens(p, False) for name, p in (("greedy", greedy), ("drawn", drawn))}
+    together: dict[str, list[int]] = {}
+
+    def run(name: str, params: SamplingParams, on_backend: bool) -> None:
+        together[name] = tokens(params, on_backend)
+
+    pairs = [("greedy", greedy, True), ("drawn", drawn, False)]
+    threads = [threading.Thread(target=run, args=pair) for pair in pairs]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    assert together == alone
+
+
 def test_the_engine_reads_ahead_once_the_child_is_up_and_the_app_is_built(tmp_path):
     """GIVEN no prefetch at init (the llama-server engine's default) WHEN the child answers HTTP
     and the entry point says its app is built THEN the engine reads the model ahead itself; not
@@ -364,3 +391,45 @@ def test_init_prefetch_waits_while_llama_server_starts():
         assert second.wait(60) and second.bytes_read == second.planned_bytes
     finally:
         engine.close()
+
+
+def test_sigterm_stops_the_server_and_its_llama_server_child():
+    """GIVEN `python -m handler serve` on the llama-server engine WHEN it gets SIGTERM (how ECS
+    and Kubernetes stop a task) THEN it shuts down and stops its child, exiting 143; uvicorn
+    re-raises the signal after its graceful shutdown, which used to end the process at once and
+    leave llama-server running."""
+    import signal
+    import subprocess
+    import urllib.request
+
+    from bench.common import free_port, poll, serve_command, stop
+    from tests.integration.servers import _env
+
+    port = free_port()
+    proc = subprocess.Popen(
+        serve_command(port),
+        env=_env(slot_env()),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    children: list[int] = []
+    try:
+
+        def ready() -> bool:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
+                return answer.status == 200
+
+        poll(ready, 60, 0.05, proc=proc, retry_on=(OSError,))
+        # The engine thread spawned it: every thread's children, from /proc.
+        tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+        children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+        assert children, "no llama-server child"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, 0.05)
+    finally:
+        stop(proc)
+        for pid in children:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
