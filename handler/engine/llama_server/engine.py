@@ -171,17 +171,18 @@ class LlamaServerEngine(EngineBase):
         )
 
     def _pause_prefetch(self) -> Callable[[], None] | None:
-        """Stop the init prefetch while llama-server starts; return what starts it again.
+        """What runs when the child first answers HTTP: the start of the model's read-ahead.
 
         The child's own executable and libraries (CUDA's are hundreds of MB) come from the same
         storage: with the prefetch reading the model at full speed beside them, the child took
-        1.8 s instead of 0.4 s to start on the H200 machine (bench/p6_gpu_cold.py). A fresh
-        prefetch starts once the child answers HTTP, when its model load begins; what the first
-        one read is in the page cache already.
+        1.8 s instead of 0.4 s to start on the H200 machine (bench/p6_gpu_cold.py). Init starts
+        none for this engine (`start_at_init`); the one started here also waits for `app_built`.
+        A prefetch handed in already running (an embedder's) is stopped until then, and a fresh
+        one starts; what the first one read is in the page cache already.
         """
         first = self.prefetch
-        if first is None:  # none at init (`start_at_init`): it starts with the model load
-            return self._start_prefetch
+        if first is None:
+            return self._prefetch_gate.arrive
         if first.done:
             return None
         first.stop()
@@ -195,9 +196,6 @@ class LlamaServerEngine(EngineBase):
 
     def app_built(self) -> None:
         """Our web stack is imported: the read-ahead may start once the child is up too."""
-        self._prefetch_gate.arrive()
-
-    def _start_prefetch(self) -> None:
         self._prefetch_gate.arrive()
 
     def _prefetch_when_both_arrived(self) -> None:
