@@ -278,29 +278,34 @@ class _Spec:
     le: float | None
 
 
-_SPECS: dict[str, _Spec] = {}
+def _build_specs() -> dict[str, _Spec]:
+    """Every environment field's spec, from the annotations."""
+    specs: dict[str, _Spec] = {}
+    hints = get_type_hints(Settings)
+    for item in fields(Settings):
+        if item.name == "set_by_environment":
+            continue
+        kind, optional = hints[item.name], False
+        arguments = get_args(kind)
+        if type(None) in arguments:
+            optional = True
+            (kind,) = (a for a in arguments if a is not type(None))
+        choices: tuple[str, ...] = ()
+        if get_origin(kind) is Literal:
+            choices, kind = get_args(kind), Literal
+        meta = item.metadata
+        specs[item.name] = _Spec(
+            kind, choices, optional, meta.get("ge"), meta.get("gt"), meta.get("le")
+        )
+    return specs
 
 
 def _specs() -> dict[str, _Spec]:
-    """Every environment field's spec, from the annotations (built once, on first use)."""
-    if not _SPECS:
-        hints = get_type_hints(Settings)
-        for item in fields(Settings):
-            if item.name == "set_by_environment":
-                continue
-            kind, optional = hints[item.name], False
-            arguments = get_args(kind)
-            if type(None) in arguments:
-                optional = True
-                (kind,) = (a for a in arguments if a is not type(None))
-            choices: tuple[str, ...] = ()
-            if get_origin(kind) is Literal:
-                choices, kind = get_args(kind), Literal
-            meta = item.metadata
-            _SPECS[item.name] = _Spec(
-                kind, choices, optional, meta.get("ge"), meta.get("gt"), meta.get("le")
-            )
+    """The specs, built once at import (a dict never mutated after, so threads may share it)."""
     return _SPECS
+
+
+_SPECS = _build_specs()
 
 
 def _boolean(text: str) -> bool:
