@@ -2,11 +2,11 @@
 
 Python's cyclic collector walks every tracked object of the oldest generation on a full pass. The
 imported stack (FastAPI, pydantic, jinja2, uvicorn, our schemas) is ~60,000 objects here: a full
-pass takes 50 ms on this machine's cores, stops every thread, the event loop's included, and
-under load the per-token allocations trigger one every few seconds; /healthz then waits for it
-(p99 27-44 ms at 64 streams on the H200 machine against p50 1.4 ms). `gc.freeze()` moves them to
-the permanent generation the collector never walks; what requests allocate afterwards is
-collected as before. Those objects live as long as the process anyway.
+pass over them took 52-59 ms on this machine's cores, and it stops every thread, the event loop's
+included (a /healthz probe waits it out). `gc.freeze()` moves them to the permanent generation the
+collector never walks (a full pass after it: under 0.1 ms); what requests allocate afterwards is
+collected as before, and the frozen objects live as long as the process anyway. How much of the
+/healthz tail under load this removes was not isolated (bench/RESULTS.md, "P6 GPU, third pass").
 """
 
 from __future__ import annotations

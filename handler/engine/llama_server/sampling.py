@@ -21,7 +21,7 @@ back instead of 49,152 logits (196 KB) and the server's sampling thread has noth
 A grammar or logprobs need the logits on the host; those requests sample there as before
 (llama-server would fall back on its own). It pays only with many slots busy: on the H200 machine
 llama-server alone with `--backend-sampling` did 1.12x / 1.41x its host-sampling rate at 64
-streams (buffered / streamed) but 0.95x, 0.82x and 0.75x streamed at 1, 4 and 16; so
+streams (buffered / streamed) but 0.94x, 0.82x and 0.75x streamed at 1, 4 and 16; so
 BACKEND_SAMPLING=auto asks for it on a GPU only when a request starts with at least
 `BACKEND_SAMPLING_FROM_IN_FLIGHT` generations in flight (its own included).
 """
