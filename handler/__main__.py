@@ -7,7 +7,6 @@ loop (`python -m handler runtime`) where streaming or concurrency need it (RUNTI
 from __future__ import annotations
 
 import argparse
-import signal
 import sys
 from typing import TYPE_CHECKING
 
@@ -81,6 +80,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.environment import current
     from handler.heap import freeze_after_load
     from handler.model_source.prefetch import start_at_init, start_early
+    from handler.signals import exit_on_sigterm
     from handler.telemetry import configure_logging
 
     configure_logging(settings.logging_level, settings.aws_lambda_log_format)
@@ -95,19 +95,12 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
     engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
-    # uvicorn shuts down gracefully on SIGTERM and then raises the signal again with the handler
-    # found before it started: the default one would end the process on the spot, without
-    # stopping llama-server's child (ECS and Kubernetes stop tasks with SIGTERM).
-    signal.signal(signal.SIGTERM, _exit_on_signal)
+    exit_on_sigterm()  # after uvicorn's graceful shutdown, the engine is closed below
     try:
         uvicorn.run(app, host=host, port=port, log_level=settings.log_level, access_log=False)
     finally:
         engine.close()
     return 0
-
-
-def _exit_on_signal(signum: int, _frame: object) -> None:
-    raise SystemExit(128 + signum)
 
 
 if __name__ == "__main__":

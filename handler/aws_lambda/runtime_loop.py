@@ -179,6 +179,7 @@ def main() -> int:
         return 2
     from handler.aws_lambda import snapstart
     from handler.aws_lambda.init import InitError, init
+    from handler.signals import exit_on_sigterm
 
     try:
         lambda_app = init(started, settings, prefetch)
@@ -191,7 +192,11 @@ def main() -> int:
         return 1
     if snapstart.snap_start(settings) and not snapshot_and_restore(lambda_app, address):
         return 1
-    RuntimeLoop(lambda_app, settings, address).serve(settings.aws_lambda_max_concurrency)
+    exit_on_sigterm()  # Lambda's shutdown: the engine (llama-server's child) is closed below
+    try:
+        RuntimeLoop(lambda_app, settings, address).serve(settings.aws_lambda_max_concurrency)
+    finally:
+        lambda_app.engine.close()
     return 1  # serve() returns only when the Runtime API is gone
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import struct
+import sys
 import threading
 import time
 from pathlib import Path
@@ -433,3 +434,39 @@ def test_sigterm_stops_the_server_and_its_llama_server_child():
         for pid in children:
             if os.path.exists(f"/proc/{pid}"):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_sigterm_stops_the_runtime_loop_and_its_llama_server_child():
+    """GIVEN `python -m handler runtime` on the llama-server engine, serving WHEN Lambda's
+    shutdown sends SIGTERM THEN it exits 143 and its child is gone."""
+    import signal
+    import subprocess
+
+    from bench.common import poll, stop
+    from bench.runtime_api_server import RuntimeAPIServer
+    from tests.integration.servers import _env
+
+    with RuntimeAPIServer() as server:
+        env = {**_env(slot_env()), "AWS_LAMBDA_RUNTIME_API": server.address, "RUNTIME": "coldstart"}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "handler", "runtime"],
+            env=env,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        children: list[int] = []
+        try:
+            request = server.invoke({"prompt": "Hello", "max_tokens": 2})
+            assert server.result(request, timeout_s=120).json()["object"] == "text_completion"
+            tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+            children = [int(p) for task in tasks for p in (task / "children").read_text().split()]
+            assert children, "no llama-server child"
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(30) == 128 + signal.SIGTERM
+            poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, 0.05)
+        finally:
+            stop(proc)
+            for pid in children:
+                if os.path.exists(f"/proc/{pid}"):
+                    os.kill(pid, signal.SIGKILL)
