@@ -226,7 +226,7 @@ class Settings:
     @classmethod
     def variables(cls) -> tuple[str, ...]:
         """The environment variables Settings reads, upper-cased field names."""
-        return tuple(name.upper() for name in _specs())
+        return tuple(name.upper() for name in _SPECS)
 
     @property
     def lambda_runtime(self) -> Literal["awslambdaric", "coldstart"]:
@@ -268,11 +268,11 @@ _FALSE = frozenset({"0", "false", "f", "no", "n", "off"})
 
 @dataclass(frozen=True)
 class _Spec:
-    """A field's parsed type: the base type, its Literal choices, whether it may be None."""
+    """A field's parsed type: the base type (None allowed or not: an empty variable is a
+    default either way), its Literal choices, its bounds."""
 
     kind: Any
     choices: tuple[str, ...]
-    optional: bool
     ge: float | None
     gt: float | None
     le: float | None
@@ -285,26 +285,19 @@ def _build_specs() -> dict[str, _Spec]:
     for item in fields(Settings):
         if item.name == "set_by_environment":
             continue
-        kind, optional = hints[item.name], False
+        kind = hints[item.name]
         arguments = get_args(kind)
         if type(None) in arguments:
-            optional = True
             (kind,) = (a for a in arguments if a is not type(None))
         choices: tuple[str, ...] = ()
         if get_origin(kind) is Literal:
             choices, kind = get_args(kind), Literal
         meta = item.metadata
-        specs[item.name] = _Spec(
-            kind, choices, optional, meta.get("ge"), meta.get("gt"), meta.get("le")
-        )
+        specs[item.name] = _Spec(kind, choices, meta.get("ge"), meta.get("gt"), meta.get("le"))
     return specs
 
 
-def _specs() -> dict[str, _Spec]:
-    """The specs, built once at import (a dict never mutated after, so threads may share it)."""
-    return _SPECS
-
-
+# Built once at import, never mutated after: threads may share it.
 _SPECS = _build_specs()
 
 
@@ -392,7 +385,7 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
     env = current(environ)
     values: dict[str, Any] = {}
     # Only our own variables are read, so unrelated environment never influences parsing.
-    for name, spec in _specs().items():
+    for name, spec in _SPECS.items():
         text = env.get(name.upper(), "")
         if text == "":
             continue
