@@ -5,7 +5,9 @@ THEN they are answered as the in-process engine answers them, several at once.""
 from __future__ import annotations
 
 import os
+import signal
 import struct
+import subprocess
 import sys
 import threading
 import time
@@ -14,10 +16,13 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
+from bench.common import free_port, http_ok, poll, serve_command, stop
+from bench.runtime_api_server import RuntimeAPIServer
 from handler.engine import EngineState, SamplingParams
 from handler.engine.llama_server.engine import LlamaServerEngine
 from handler.engine.llama_server.sampling import completion_body
 from tests.conftest import FakeContext, http_app, load_event, make_settings, model_path
+from tests.integration.servers import _env
 
 pytestmark = pytest.mark.integration
 
@@ -394,18 +399,27 @@ def test_init_prefetch_waits_while_llama_server_starts():
         engine.close()
 
 
+def sigterm_stops_it_and_its_children(proc: subprocess.Popen[bytes]) -> None:
+    """Send SIGTERM to `proc` (serving, with llama-server started by its engine thread): it
+    exits 143 and every child its threads spawned is gone; any still there is killed after."""
+    tasks = Path(f"/proc/{proc.pid}/task").iterdir()
+    children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
+    assert children, "no llama-server child"
+    try:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(30) == 128 + signal.SIGTERM
+        poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, 0.05)
+    finally:
+        for pid in children:
+            if os.path.exists(f"/proc/{pid}"):
+                os.kill(pid, signal.SIGKILL)
+
+
 def test_sigterm_stops_the_server_and_its_llama_server_child():
     """GIVEN `python -m handler serve` on the llama-server engine WHEN it gets SIGTERM (how ECS
     and Kubernetes stop a task) THEN it shuts down and stops its child, exiting 143; uvicorn
     re-raises the signal after its graceful shutdown, which used to end the process at once and
     leave llama-server running."""
-    import signal
-    import subprocess
-    import urllib.request
-
-    from bench.common import free_port, poll, serve_command, stop
-    from tests.integration.servers import _env
-
     port = free_port()
     proc = subprocess.Popen(
         serve_command(port),
@@ -414,38 +428,16 @@ def test_sigterm_stops_the_server_and_its_llama_server_child():
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    children: list[int] = []
     try:
-
-        def ready() -> bool:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/readyz", timeout=2) as answer:
-                return answer.status == 200
-
-        poll(ready, 60, 0.05, proc=proc, retry_on=(OSError,))
-        # The engine thread spawned it: every thread's children, from /proc.
-        tasks = Path(f"/proc/{proc.pid}/task").iterdir()
-        children = [int(pid) for task in tasks for pid in (task / "children").read_text().split()]
-        assert children, "no llama-server child"
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(30) == 128 + signal.SIGTERM
-        poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, 0.05)
+        poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.05, proc=proc)
+        sigterm_stops_it_and_its_children(proc)
     finally:
         stop(proc)
-        for pid in children:
-            if os.path.exists(f"/proc/{pid}"):
-                os.kill(pid, signal.SIGKILL)
 
 
 def test_sigterm_stops_the_runtime_loop_and_its_llama_server_child():
     """GIVEN `python -m handler runtime` on the llama-server engine, serving WHEN Lambda's
     shutdown sends SIGTERM THEN it exits 143 and its child is gone."""
-    import signal
-    import subprocess
-
-    from bench.common import poll, stop
-    from bench.runtime_api_server import RuntimeAPIServer
-    from tests.integration.servers import _env
-
     with RuntimeAPIServer() as server:
         env = {**_env(slot_env()), "AWS_LAMBDA_RUNTIME_API": server.address, "RUNTIME": "coldstart"}
         proc = subprocess.Popen(
@@ -455,18 +447,9 @@ def test_sigterm_stops_the_runtime_loop_and_its_llama_server_child():
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
         )
-        children: list[int] = []
         try:
             request = server.invoke({"prompt": "Hello", "max_tokens": 2})
             assert server.result(request, timeout_s=120).json()["object"] == "text_completion"
-            tasks = Path(f"/proc/{proc.pid}/task").iterdir()
-            children = [int(p) for task in tasks for p in (task / "children").read_text().split()]
-            assert children, "no llama-server child"
-            proc.send_signal(signal.SIGTERM)
-            assert proc.wait(30) == 128 + signal.SIGTERM
-            poll(lambda: not any(os.path.exists(f"/proc/{pid}") for pid in children), 10, 0.05)
+            sigterm_stops_it_and_its_children(proc)
         finally:
             stop(proc)
-            for pid in children:
-                if os.path.exists(f"/proc/{pid}"):
-                    os.kill(pid, signal.SIGKILL)
