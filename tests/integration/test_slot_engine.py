@@ -4,6 +4,7 @@ THEN they are answered as the in-process engine answers them, several at once.""
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
 import struct
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
@@ -129,6 +131,12 @@ def test_max_tokens_and_stop_sequences(slots):
     assert stopped.result.finish_reason == "stop"
 
 
+def busy_slots(engine: LlamaServerEngine) -> int:
+    """How many of the child's slots are working on a task (its /slots endpoint)."""
+    slots: Any = engine._require_server().call("GET", "/slots")
+    return sum(1 for slot in slots if slot["is_processing"])
+
+
 def test_a_second_request_runs_while_the_first_is_generating(slots):
     long = slots.generate(slots.tokenize("1, 2, 3,"), SamplingParams(max_tokens=200))
     next(iter(long))  # the first request holds a slot and is decoding
@@ -139,6 +147,52 @@ def test_a_second_request_runs_while_the_first_is_generating(slots):
     long.cancel()
     long.text()
     assert long.result.interrupted
+
+
+def test_requests_go_out_at_once_and_count_until_read_cancelled_or_dropped(slots):
+    """No thread of ours per request: the request is sent when the generation is made (the
+    child works on both before either is read), its answer is read by the iterating thread, and
+    it stays in flight until read, cancelled or dropped, which frees the child's slot too."""
+    prompt = slots.tokenize("1, 2, 3,")
+    params = SamplingParams(max_tokens=400, temperature=0.0)
+    threads = threading.active_count()
+    first, second = slots.generate(prompt, params), slots.generate(prompt, params)
+    assert threading.active_count() <= threads  # none started for them
+    assert slots._in_flight == 2
+    poll(lambda: busy_slots(slots) == 2, 30)
+    first.cancel()  # unread: dropped at once
+    assert slots._in_flight == 1
+    assert first.text() == "" and first.result.interrupted
+    assert next(iter(second))
+    second.cancel()
+    second.text()
+    assert slots._in_flight == 0 and second.result.interrupted
+    dropped = slots.generate(prompt, params, streaming=False)
+    assert slots._in_flight == 1
+    del dropped
+    gc.collect()
+    assert slots._in_flight == 0
+    poll(lambda: busy_slots(slots) == 0, 30)
+
+
+def test_a_buffered_request_cancelled_while_it_is_read_frees_its_slot(slots):
+    """The engine's one hang-up watcher shuts the connection of a cancelled buffered request,
+    waking the read; the child drops the task."""
+    cancel = threading.Event()
+    generation = slots.generate(
+        slots.tokenize("1, 2, 3,"),
+        SamplingParams(max_tokens=2000, temperature=0.0),
+        streaming=False,
+        cancel=cancel,
+    )
+    poll(lambda: busy_slots(slots) == 1, 30)
+    timer = threading.Timer(0.3, cancel.set)
+    timer.start()
+    assert generation.text() == ""
+    timer.join()
+    assert generation.result.interrupted
+    assert slots._in_flight == 0
+    poll(lambda: busy_slots(slots) == 0, 30)
 
 
 def test_deadline_ends_the_generation_with_length(slots):

@@ -21,22 +21,30 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 from handler import deadline as deadlines
 from handler.config import Settings
 from handler.deadline import Deadline
 from handler.engine.chat_template import ChatTemplate
 from handler.engine.engine_base import EngineBase
-from handler.engine.generation import Generation, SamplingParams, StopMatcher, TokenLogprob
+from handler.engine.generation import (
+    Generation,
+    Piece,
+    PulledGeneration,
+    SamplingParams,
+    StopMatcher,
+    TokenLogprob,
+)
 from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.llama_server.process import (
     AnswerBroken,
     LlamaServer,
     ServerError,
-    complete,
-    stream_completion,
+    read_answer,
+    read_events,
+    send_completion,
 )
 from handler.engine.llama_server.sampling import (
     completion_body,
@@ -47,6 +55,9 @@ from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch, start_for
+
+if TYPE_CHECKING:
+    import http.client
 
 log = logging.getLogger("coldstart.llama_server")
 
@@ -66,6 +77,45 @@ class Gate:
             last = self._left == 0
         if last:
             self._then()
+
+
+class HangUps:
+    """One thread for every buffered request in flight: a cancelled one's connection is shut
+    down, which wakes the read blocked on it, and llama-server drops the task. (A thread per
+    request polling its own cancel woke 5 x 64 times a second at 64 requests.)"""
+
+    poll_s = 0.2
+
+    def __init__(self) -> None:
+        self._watched: dict[int, tuple[Generation, http.client.HTTPConnection]] = {}
+        self._lock = threading.Lock()
+        self._running = False
+
+    def watch(self, generation: Generation, conn: http.client.HTTPConnection) -> None:
+        """Shut `conn` down once `generation` is cancelled, until `forget`."""
+        with self._lock:
+            self._watched[id(generation)] = (generation, conn)
+            start, self._running = not self._running, True
+        if start:
+            threading.Thread(target=self._run, name="coldstart-hang-ups", daemon=True).start()
+
+    def forget(self, generation: Generation) -> None:
+        """Stop watching `generation` (its answer came, or its read ended)."""
+        with self._lock:
+            self._watched.pop(id(generation), None)
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(self.poll_s)
+            with self._lock:
+                if not self._watched:
+                    self._running = False
+                    return
+                watched = list(self._watched.values())
+            for generation, conn in watched:
+                if generation.cancelled and conn.sock is not None:
+                    with contextlib.suppress(OSError):
+                        conn.sock.shutdown(socket.SHUT_RDWR)
 
 
 class LlamaServerEngine(EngineBase):
@@ -88,6 +138,7 @@ class LlamaServerEngine(EngineBase):
         # The read-ahead started here waits for the child to answer HTTP (its libraries read)
         # and for the entry point's imports (`app_built`): both read the storage the model is on.
         self._prefetch_gate = Gate(2, self._prefetch_when_both_arrived)
+        self._hang_ups = HangUps()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -245,54 +296,88 @@ class LlamaServerEngine(EngineBase):
         streaming: bool = True,
         cancel: threading.Event | None = None,
     ) -> Generation:
-        """Start a generation on a free slot; iterate the result as the contract says."""
+        """Send the request to the child now (a free slot starts on it at once); its answer is
+        read by the thread that iterates the result, with no thread of ours in between."""
         self.lifecycle.require_usable()
-        generation = Generation.start(len(prompt), streaming, cancel)
+        server = self._require_server()
+        self.lifecycle.warmed()  # the first real request warms the model
         with self._in_flight_lock:
             self._in_flight += 1
             on_backend = samples_on_backend(self.settings, self._in_flight)
+        left = deadlines.seconds_left(deadline, floor_s=0.05)
+        # A streamed answer's socket times out at the deadline; a buffered one is ended by
+        # llama-server's own time limit, so its socket waits a little longer.
+        conn = server.connect(left if streaming or left is None else left + 1.0)
 
-        def job() -> None:
-            error: BaseException | None = None
-            try:
-                if streaming:
-                    self._stream(prompt, params, deadline, generation, on_backend)
-                else:
-                    self._complete(prompt, params, deadline, generation, on_backend)
-            except Exception as exc:  # noqa: BLE001 - handed to the consumer thread
-                error = exc
-            finally:
-                with self._in_flight_lock:
-                    self._in_flight -= 1
-                generation.finish(error)
+        def release() -> None:
+            conn.close()  # mid-answer, this makes llama-server drop the slot's task
+            with self._in_flight_lock:
+                self._in_flight -= 1
 
-        threading.Thread(target=job, name="coldstart-slot-request", daemon=True).start()
+        generation = PulledGeneration(len(prompt), cancel, release)
+        if not generation.begin(params.max_tokens, deadline):
+            generation.end_unread()
+            return generation
+        try:
+            source = self._send(
+                conn,
+                prompt,
+                params,
+                deadline,
+                generation,
+                streaming=streaming,
+                on_backend=on_backend,
+            )
+        except BaseException:
+            generation.end_unread()
+            raise
+        generation.read_from(source)
         return generation
 
-    def _stream(
+    def _send(
         self,
+        conn: http.client.HTTPConnection,
         prompt: list[int],
         params: SamplingParams,
         deadline: float | None,
         out: Generation,
+        *,
+        streaming: bool,
         on_backend: bool,
-    ) -> None:
+    ) -> Iterator[Piece]:
+        """Send the /completion now; the generator of its pieces, read later.
+
+        A buffered request is one non-streamed /completion: llama-server applies the stop
+        strings and the time limit, and this process parses one JSON answer instead of one per
+        token (at 64 streams, per-token parsing here capped the aggregate at a quarter)."""
+        limit_ms = None
+        if not streaming and deadline is not None:
+            limit_ms = max(1, int((deadline - time.monotonic()) * 1000))
+        body = completion_body(
+            prompt, params, stream=streaming, time_limit_ms=limit_ms, on_backend=on_backend
+        )
+        started = time.perf_counter()
+        send_completion(conn, body)
+        if streaming:
+            return self._read_stream(conn, started, params, deadline, out)
+        return self._read_answer(conn, params, deadline, out)
+
+    @staticmethod
+    def _read_stream(
+        conn: http.client.HTTPConnection,
+        started: float,
+        params: SamplingParams,
+        deadline: float | None,
+        out: Generation,
+    ) -> Iterator[Piece]:
         result = out.result
-        self.lifecycle.warmed()  # the first real request warms the model
-        if not out.begin(params.max_tokens, deadline):
-            return
-        conn = self._require_server().connect(deadlines.seconds_left(deadline, floor_s=0.05))
         stops = StopMatcher(params.stop)
         hit_stop = False
         pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not emitted yet
         reported = 0  # logprobs emitted so far
-        started = time.perf_counter()
         first_at: float | None = None
         try:
-            for chunk in stream_completion(
-                conn,
-                completion_body(prompt, params, stream=True, on_backend=on_backend),
-            ):
+            for chunk in read_events(conn):
                 if first_at is None:
                     first_at = time.perf_counter()
                     result.time_to_first_token_s = first_at - started
@@ -310,7 +395,7 @@ class LlamaServerEngine(EngineBase):
                     pending.extend(parse_logprobs(chunk, params.logprobs))
                 text, hit_stop = stops.feed(chunk.get("content", ""))
                 if text:
-                    out.emit(text, pending)
+                    yield Piece(text, tuple(pending))
                     reported += len(pending)
                     pending.clear()
                 if hit_stop:
@@ -326,57 +411,27 @@ class LlamaServerEngine(EngineBase):
             conn.close()  # mid-stream, this makes llama-server cancel the slot's task
         tail = "" if hit_stop else stops.flush()
         if tail or (pending and not hit_stop):
-            out.emit(tail, pending)
+            yield Piece(tail, tuple(pending))
         result.set_decode_rate(first_at)
 
-    def _complete(
+    def _read_answer(
         self,
-        prompt: list[int],
+        conn: http.client.HTTPConnection,
         params: SamplingParams,
         deadline: float | None,
         out: Generation,
-        on_backend: bool,
-    ) -> None:
-        """A buffered request as one non-streamed /completion: llama-server applies the stop
-        strings and the time limit, and this process parses one JSON answer instead of one per
-        token (at 64 streams, per-token parsing here capped the aggregate at a quarter)."""
+    ) -> Iterator[Piece]:
         result = out.result
-        self.lifecycle.warmed()
-        if not out.begin(params.max_tokens, deadline):
-            return
-        limit_ms = None if deadline is None else max(1, int((deadline - time.monotonic()) * 1000))
-        body = completion_body(
-            prompt,
-            params,
-            stream=False,
-            time_limit_ms=limit_ms,
-            on_backend=on_backend,
-        )
-        left = deadlines.seconds_left(deadline, floor_s=0.05)
-        conn = self._require_server().connect(None if left is None else left + 1.0)
-        done = threading.Event()
-
-        def close_when_cancelled() -> None:
-            # A client that hangs up: closing the connection makes llama-server drop the task.
-            while not done.is_set() and not out.wait_cancelled(0.2):
-                pass
-            while not done.is_set():
-                if conn.sock is not None:  # shutdown wakes the read blocked in the other thread
-                    with contextlib.suppress(OSError):
-                        conn.sock.shutdown(socket.SHUT_RDWR)
-                    return
-                time.sleep(0.01)  # the request is not sent yet
-
-        threading.Thread(target=close_when_cancelled, daemon=True).start()
+        self._hang_ups.watch(out, conn)
         try:
-            answer = complete(conn, body)
+            answer = read_answer(conn)
         except (TimeoutError, OSError, AnswerBroken):
             if out.cancelled or deadline is not None:
                 result.interrupted = True
                 return
             raise
         finally:
-            done.set()
+            self._hang_ups.forget(out)
             conn.close()
         stop_type = answer.get("stop_type")
         predicted = int(answer.get("tokens_predicted", 0))
@@ -392,7 +447,7 @@ class LlamaServerEngine(EngineBase):
         if stop_type == "eos":  # the end-of-generation token is not part of the answer
             logprobs = logprobs[: predicted - 1] if predicted else logprobs
         if answer.get("content") or logprobs:
-            out.emit(answer.get("content", ""), logprobs)
+            yield Piece(answer.get("content", ""), tuple(logprobs))
 
     # ----------------------------------------------------------------- embeddings
 

@@ -183,16 +183,17 @@ class LlamaServer:
                 log.debug("llama-server: %s", line)
 
 
-def stream_completion(
-    conn: http.client.HTTPConnection, body: dict[str, Any]
-) -> Iterator[dict[str, Any]]:
+def send_completion(conn: http.client.HTTPConnection, body: dict[str, Any]) -> None:
+    """POST /completion; its answer is read later (`read_events`, `read_answer`), on the thread
+    that reads the generation, while the child already works on it."""
+    try:
+        conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+    except OSError as exc:
+        raise ServerError(f"llama-server /completion: {exc}") from None
+
+
+def read_events(conn: http.client.HTTPConnection) -> Iterator[dict[str, Any]]:
     """The JSON objects of a streamed /completion answer, one per sampled token."""
-    conn.request(
-        "POST",
-        "/completion",
-        json.dumps({**body, "stream": True}),
-        {"Content-Type": "application/json"},
-    )
     response = conn.getresponse()
     if response.status != 200:
         raise server_error(response.status, response.read())
@@ -204,11 +205,10 @@ def stream_completion(
             yield chunk
 
 
-def complete(conn: http.client.HTTPConnection, body: dict[str, Any]) -> dict[str, Any]:
-    """One non-streamed /completion answer; AnswerBroken when the connection breaks first."""
+def read_answer(conn: http.client.HTTPConnection) -> dict[str, Any]:
+    """A non-streamed /completion answer; AnswerBroken when the connection breaks first."""
     import http.client  # loaded by `connect` already
 
-    conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
     try:
         response = conn.getresponse()
         data = response.read()
