@@ -154,7 +154,8 @@ bench: venv $(DEFAULT_MODEL) $(LAZY_MMAP) bench-anchors
 # There: `bash bench/p6_gpu.sh` with .gpu carried along.
 GPU_KIT     := .gpu
 GPU_WHEELS  := fastapi starlette pydantic pydantic_core mangum \
-	annotated-types typing-inspection uvicorn typing_extensions opentelemetry-api
+	annotated-types typing-inspection uvicorn typing_extensions opentelemetry-api \
+	uvloop httptools
 GPU_PLATFORM := --python-version 3.12 --implementation cp --platform manylinux_2_28_x86_64 \
 	--platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
 TRIM := $(addprefix --exclude=llama_cpp_python-$(LLAMA_CPP_VERSION)/,docs examples tests) \

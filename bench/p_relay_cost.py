@@ -4,16 +4,17 @@ tree against another checkout, rounds alternating.
 On the GPU machine our process relays thousands of tokens a second between llama-server's child
 and the clients; its CPU time and thread wakeups per token decide how much it competes with the
 child and how long `/healthz` waits for the GIL. Throughput on this 2-vCPU machine is noise (the
-client, the child and our process share the cores), but the CPU time our own process used and its
-threads' context switches, divided by the tokens it relayed, are properties of our code:
+client, the child and our process share the cores), but the CPU time our own process used,
+divided by the tokens it relayed, is a property of our code:
 
     git worktree add /tmp/before <commit> && ln -s $PWD/.venv /tmp/before/.venv
     .venv/bin/python -m bench.p_relay_cost --baseline /tmp/before --rounds 3
 
 Each round: `python -m handler serve` (4 slots), then `--requests` closed-loop requests of
 `--max-tokens` tokens from `--clients` clients, streamed, then buffered; our process's utime +
-stime (not the child's) and its threads' voluntary + involuntary context switches, before and
-after, from /proc.
+stime (all its threads', those that ended included; not the child's), before and after, from
+/proc. (Context switches are not counted: /proc has them only per live thread, and the baseline's
+threads per request end before they could be read.)
 """
 
 from __future__ import annotations
@@ -45,18 +46,6 @@ def cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary + involuntary context switches of every live thread of `pid`."""
-    total = 0
-    for status in Path(f"/proc/{pid}/task").glob("*/status"):
-        try:
-            lines = status.read_text().splitlines()
-        except OSError:
-            continue  # the thread ended meanwhile
-        total += sum(int(line.split()[1]) for line in lines if "ctxt_switches" in line)
-    return total
-
-
 def load(port: int, clients: int, requests: int, body: dict[str, Any], stream: bool) -> int:
     """`requests` requests from `clients` closed-loop clients; the tokens answered."""
     send = p6_load.http_sender(port, body, stream=stream)
@@ -85,7 +74,7 @@ def load(port: int, clients: int, requests: int, body: dict[str, Any], stream: b
 
 
 def one_round(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
-    """Per mode: our process's CPU microseconds and context switches per token."""
+    """Per mode: our process's CPU microseconds per token."""
     port = free_port()
     env = {
         "MODEL_URI": str(args.model),
@@ -101,12 +90,9 @@ def one_round(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, float
         poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.01, proc=proc)
         load(port, args.clients, args.clients * 2, body, stream=True)  # warm
         for mode in ("stream", "buffered"):
-            cpu, switches = cpu_s(proc.pid), context_switches(proc.pid)
+            cpu = cpu_s(proc.pid)
             tokens = load(port, args.clients, args.requests, body, stream=mode == "stream")
-            found[mode] = {
-                "cpu_us_per_token": (cpu_s(proc.pid) - cpu) / tokens * 1e6,
-                "switches_per_token": (context_switches(proc.pid) - switches) / tokens,
-            }
+            found[mode] = {"cpu_us_per_token": (cpu_s(proc.pid) - cpu) / tokens * 1e6}
     return found
 
 
@@ -125,7 +111,7 @@ def main() -> None:
         for name, tree in trees.items():
             rounds[name].append(one_round(tree, args))
     for mode in ("stream", "buffered"):
-        for figure in ("cpu_us_per_token", "switches_per_token"):
+        for figure in ("cpu_us_per_token",):
             values = {name: [r[mode][figure] for r in found] for name, found in rounds.items()}
             medians = {name: median(v) for name, v in values.items()}
             print(

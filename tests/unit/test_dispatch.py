@@ -17,7 +17,7 @@ from handler.errors import InvalidRequest, Overloaded
 from handler.service.admission import Admission
 from handler.service.chunk_stream import ChunkStream
 from handler.service.openai_service import OpenAIService
-from handler.web.dispatch import Dispatcher
+from handler.web.dispatch import Dispatcher, Outbox
 from handler.web.routes import Call, Route
 
 
@@ -165,3 +165,51 @@ def test_a_ticket_is_claimed_only_inside_its_block_and_only_by_its_admission():
         assert admission.claim() is ticket
         assert other.claim() is not ticket  # another service admits for itself
     assert admission.claim() is not ticket
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """An event loop that counts the wakeups other threads ask of it."""
+
+    wakeups = 0
+
+    def call_soon_threadsafe(self, *args, **kwargs):
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_lines_that_arrive_together_wake_the_loop_once_and_keep_their_order():
+    """GIVEN sixteen streams' pumps handing lines over while the loop is busy elsewhere WHEN the
+    loop next runs THEN one wakeup delivers them all, each stream's lines in their order."""
+    loop = CountingLoop()
+    try:
+        outbox = Outbox(loop)
+        queues: list[asyncio.Queue[str | None]] = [asyncio.Queue() for _ in range(16)]
+
+        def pump(index: int) -> None:
+            for n in range(5):
+                assert outbox.put(queues[index], f"{index}:{n}")
+            assert outbox.put(queues[index], None)
+
+        threads = [threading.Thread(target=pump, args=(i,)) for i in range(16)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert loop.wakeups == 1
+        loop.run_until_complete(asyncio.sleep(0))
+        for index, queue in enumerate(queues):
+            got = [queue.get_nowait() for _ in range(queue.qsize())]
+            assert got == [*(f"{index}:{n}" for n in range(5)), None]
+        assert outbox.put(queues[0], "next")  # a later line wakes it again
+        assert loop.wakeups == 2
+    finally:
+        loop.close()
+
+
+def test_once_the_loop_is_closed_the_outbox_says_so():
+    loop = asyncio.new_event_loop()
+    outbox = Outbox(loop)
+    loop.close()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    assert not outbox.put(queue, "line")
+    assert not outbox.put(queue, "line")  # not queued behind a wakeup that never comes
