@@ -394,9 +394,25 @@ def load_settings(environ: Mapping[str, str] | None = None) -> Settings:
         except ValueError as exc:
             shown = "<secret>" if name == "api_key" else repr(text)
             raise ConfigError(f"invalid {name.upper()}={shown}: {exc}") from None
-    if values.get("inference_engine") == "llama-server" and "max_concurrency" not in values:
+    given = frozenset(values)
+    if values.get("inference_engine") == "llama-server":
+        values.update(_llama_server_defaults(values))
+    return Settings(**values, set_by_environment=given)
+
+
+# llama-server's CPU threads with every layer on the GPU: they only feed the device and poll, and
+# at 16 they took the cores our process relays tokens on (bench/RESULTS.md, "P6 GPU, fourth pass").
+GPU_OFFLOADED_THREADS = 4
+
+
+def _llama_server_defaults(values: dict[str, Any]) -> dict[str, Any]:
+    """Defaults that depend on other settings, for the variables left unset."""
+    defaults: dict[str, Any] = {}
+    if "max_concurrency" not in values:
         # With llama-server every slot generates at once: admit as many as there are slots.
-        values["max_concurrency"] = values.get("parallel_slots", 8)
-        if not 1 <= values["max_concurrency"] <= 1024:
-            raise ConfigError(f"invalid PARALLEL_SLOTS: {values['max_concurrency']} slots")
-    return Settings(**values, set_by_environment=frozenset(values))
+        defaults["max_concurrency"] = values.get("parallel_slots", 8)
+        if not 1 <= defaults["max_concurrency"] <= 1024:
+            raise ConfigError(f"invalid PARALLEL_SLOTS: {defaults['max_concurrency']} slots")
+    if "n_threads" not in values and values.get("n_gpu_layers") == -1:
+        defaults["n_threads"] = min(GPU_OFFLOADED_THREADS, available_cpus())
+    return defaults

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from handler.config import ConfigError, load_settings
+from handler import config
+from handler.config import ConfigError, available_cpus, load_settings
 from handler.engine import create_engine
 from handler.engine.in_process.engine import InProcessEngine
 from handler.engine.llama_server.engine import LlamaServerEngine
@@ -23,6 +24,39 @@ def test_llama_server_admits_as_many_requests_as_it_has_slots():
     settings = load_settings({"INFERENCE_ENGINE": "llama-server", "PARALLEL_SLOTS": "16"})
     assert settings.max_concurrency == 16
     assert isinstance(create_engine(settings), LlamaServerEngine)  # built, not started
+
+
+@pytest.mark.parametrize(
+    ("env", "threads"),
+    [
+        # Every layer on the GPU: llama-server's CPU threads only feed it; four leave the rest.
+        ({"N_GPU_LAYERS": "-1"}, 4),
+        ({"N_GPU_LAYERS": "-1", "N_THREADS": "12"}, 12),  # set: kept
+        ({"N_GPU_LAYERS": "20"}, "all"),  # layers on the CPU need every core
+        ({"N_GPU_LAYERS": "0"}, "all"),
+    ],
+    ids=["all-on-gpu", "set", "partial", "cpu"],
+)
+def test_llama_server_threads_with_the_model_on_the_gpu(env, threads, monkeypatch):
+    monkeypatch.setattr(config, "available_cpus", lambda: 16)  # a 16-core GPU host
+    settings = load_settings({"INFERENCE_ENGINE": "llama-server", **env})
+    # The field's own default (every usable CPU) is this machine's count.
+    expected = available_cpus() if threads == "all" else threads
+    assert settings.n_threads == expected
+    command = server_command(settings, "/m.gguf", 1234)
+    assert command[command.index("--threads") + 1] == str(expected)
+    assert ("n_threads" in settings.set_by_environment) == ("N_THREADS" in env)
+
+
+def test_a_machine_with_fewer_cores_than_that_gives_them_all(monkeypatch):
+    monkeypatch.setattr(config, "available_cpus", lambda: 2)
+    env = {"INFERENCE_ENGINE": "llama-server", "N_GPU_LAYERS": "-1"}
+    assert load_settings(env).n_threads == 2
+
+
+def test_the_in_process_engine_keeps_every_core_on_a_gpu(monkeypatch):
+    monkeypatch.setattr(config, "available_cpus", lambda: 16)
+    assert load_settings({"N_GPU_LAYERS": "-1"}).n_threads == available_cpus()
 
 
 def test_explicit_max_concurrency_wins():
