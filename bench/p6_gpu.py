@@ -38,7 +38,7 @@ from typing import Any
 from bench import p6_load
 from bench.common import ROOT, evict_from_page_cache, free_port, http_ok, poll, serve_command, spawn
 from bench.runtime_api_server import RuntimeAPIServer
-from handler.config import load_settings
+from handler.config import available_cpus, load_settings
 from handler.engine.llama_server.process import server_command
 
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 40
@@ -294,9 +294,12 @@ def main() -> None:
         "LOG_LEVEL": "info",
         "PYTHONUNBUFFERED": "1",
     }
+    # llama-server alone keeps a thread per CPU (as in every earlier run) unless N_THREADS is set;
+    # ours picks its own default (4 with every layer on the GPU).
+    anchor_env = {"N_THREADS": str(available_cpus()), **env, "INFERENCE_ENGINE": "llama-server"}
     if "anchor" in args.only:
         port = free_port()
-        settings = load_settings({**env, "INFERENCE_ENGINE": "llama-server"})
+        settings = load_settings(anchor_env)
         cmd = server_command(settings, str(args.model), port)
         results["anchor"] = measure(
             "llama-server", cmd, env, port, ready_path="/health", levels=args.levels, args=args
@@ -306,7 +309,7 @@ def main() -> None:
         # llama-server alone with backend sampling for every request (`--backend-sampling`),
         # what ours asks for per request on a GPU (BACKEND_SAMPLING=auto).
         port = free_port()
-        settings = load_settings({**env, "INFERENCE_ENGINE": "llama-server"})
+        settings = load_settings(anchor_env)
         cmd = [*server_command(settings, str(args.model), port), "--backend-sampling"]
         results["anchor_bs"] = measure(
             "llama-server --backend-sampling", cmd, env, port, ready_path="/health",
