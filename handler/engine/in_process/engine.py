@@ -265,13 +265,6 @@ class InProcessEngine(EngineBase):
                     result.finish_reason = "stop"
                     break
                 result.completion_tokens += 1
-                last = result.completion_tokens >= params.max_tokens
-                if not last:
-                    # Decoded before this token's text is handled: on a GPU llama_decode returns
-                    # once the step is queued, so the Python work below runs while the device
-                    # computes the next logits (the sample waits for them). A stop string or
-                    # a cancel found below leaves one token decoded for nothing.
-                    context.append(token)
                 text, hit_stop = stops.feed(decoder.decode(model.piece(token)))
                 if text:
                     out.emit(text, pending)
@@ -279,8 +272,11 @@ class InProcessEngine(EngineBase):
                 if hit_stop:
                     result.finish_reason = "stop"
                     break
-                if last or out.should_stop(deadline):
+                if result.completion_tokens >= params.max_tokens:
                     break
+                if out.should_stop(deadline):
+                    break
+                context.append(token)
                 token = sample()
         finally:
             sampler.close()
