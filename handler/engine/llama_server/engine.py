@@ -113,9 +113,10 @@ class HangUps:
                     return
                 watched = list(self._watched.values())
             for generation, conn in watched:
-                if generation.cancelled and conn.sock is not None:
-                    with contextlib.suppress(OSError):
-                        conn.sock.shutdown(socket.SHUT_RDWR)
+                sock = conn.sock  # once: the reader's close sets it to None meanwhile
+                if generation.cancelled and sock is not None:
+                    with contextlib.suppress(OSError):  # closed by the reader already
+                        sock.shutdown(socket.SHUT_RDWR)
 
 
 class LlamaServerEngine(EngineBase):
