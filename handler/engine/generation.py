@@ -121,10 +121,6 @@ class Generation:
         """Whether `cancel()` was called (or the caller's cancel event set)."""
         return self._cancel.is_set()
 
-    def wait_cancelled(self, timeout_s: float) -> bool:
-        """Block up to `timeout_s` for a cancel; whether it came."""
-        return self._cancel.wait(timeout_s)
-
     def emit(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> None:
         """Called on the engine thread for each piece of text (and its tokens' logprobs)."""
         if self.streaming:
