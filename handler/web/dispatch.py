@@ -122,8 +122,9 @@ class Dispatcher:
 class Outbox:
     """Lines from the pool's threads to one event loop's queues, with one wakeup of the loop for
     all the lines that arrive before it runs. llama-server hands every busy slot's token over in
-    the same moment each decode step: at 64 streams, 64 wakeups of the loop (a write to its
-    self-pipe, a pass of its selector, each) became about one."""
+    the same moment each decode step: at 64 streams that was up to 64 wakeups of the loop per
+    step (a write to its self-pipe, a pass of its selector, each); now the first line since the
+    loop last ran wakes it and the others ride along (tests/unit/test_dispatch.py counts them)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
