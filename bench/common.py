@@ -74,6 +74,18 @@ def serve_command(port: int) -> list[str]:
     return [sys.executable, "-m", "handler", "serve", "--host", "127.0.0.1", "--port", str(port)]
 
 
+def slots_env(model: Path = MODEL, slots: int = 1, threads: int = THREADS) -> dict[str, str]:
+    """`python -m handler serve`'s environment on INFERENCE_ENGINE=llama-server, with the CPU
+    llama-server that `make bench-anchors` builds."""
+    return {
+        "MODEL_URI": str(model),
+        "INFERENCE_ENGINE": "llama-server",
+        "LLAMA_SERVER_BIN": str(LLAMA_CPP_BIN / "llama-server"),
+        "PARALLEL_SLOTS": str(slots),
+        "N_THREADS": str(threads),
+    }
+
+
 def llama_cpp_server_command(port: int, model: Path = MODEL) -> list[str]:
     """Anchor: llama-cpp-python's own server on `model`, our n_ctx and threads."""
     return [

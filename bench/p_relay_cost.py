@@ -26,7 +26,6 @@ from typing import Any
 
 from bench import p6_load
 from bench.common import (
-    LLAMA_CPP_BIN,
     MODEL,
     ROOT,
     free_port,
@@ -34,6 +33,7 @@ from bench.common import (
     median,
     poll,
     serve_command,
+    slots_env,
     spawn,
 )
 
@@ -76,14 +76,7 @@ def load(port: int, clients: int, requests: int, body: dict[str, Any], stream: b
 def one_round(tree: Path, args: argparse.Namespace) -> dict[str, dict[str, float]]:
     """Per mode: our process's CPU microseconds per token."""
     port = free_port()
-    env = {
-        "MODEL_URI": str(args.model),
-        "INFERENCE_ENGINE": "llama-server",
-        "LLAMA_SERVER_BIN": str(LLAMA_CPP_BIN / "llama-server"),
-        "PARALLEL_SLOTS": str(args.clients),
-        "N_THREADS": "1",
-        "LOG_LEVEL": "warning",
-    }
+    env = {**slots_env(args.model, slots=args.clients, threads=1), "LOG_LEVEL": "warning"}
     body = p6_load.request_body(args.max_tokens)
     found: dict[str, dict[str, float]] = {}
     with spawn(serve_command(port), env, tree=tree) as proc:

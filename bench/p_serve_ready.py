@@ -11,29 +11,12 @@ import argparse
 import time
 from pathlib import Path
 
-from bench.common import (
-    LLAMA_CPP_BIN,
-    MODEL,
-    ROOT,
-    THREADS,
-    free_port,
-    http_ok,
-    median,
-    poll,
-    serve_command,
-    spawn,
-)
+from bench.common import ROOT, free_port, http_ok, median, poll, serve_command, slots_env, spawn
 
 
 def time_to_ready(tree: Path) -> float:
     port = free_port()
-    env = {
-        "MODEL_URI": str(MODEL),
-        "INFERENCE_ENGINE": "llama-server",
-        "LLAMA_SERVER_BIN": str(LLAMA_CPP_BIN / "llama-server"),
-        "PARALLEL_SLOTS": "1",
-        "N_THREADS": str(THREADS),
-    }
+    env = slots_env()
     started = time.perf_counter()
     with spawn(serve_command(port), env, tree=tree) as proc:
         poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.005, proc=proc)
