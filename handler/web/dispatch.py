@@ -127,7 +127,9 @@ class Outbox:
     loop last ran wakes it and the others ride along (tests/unit/test_dispatch.py counts them)."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        # Weakly: the dispatcher's outboxes are keyed weakly by their loop, which a strong
+        # reference from here would keep alive for ever.
+        self._loop = weakref.ref(loop)
         self._lines: list[tuple[asyncio.Queue[str | None], str | None]] = []
         self._lock = threading.Lock()
         self._closed = False
@@ -141,7 +143,10 @@ class Outbox:
             if len(self._lines) > 1:
                 return True  # the first of them scheduled the drain
         try:
-            self._loop.call_soon_threadsafe(self._drain)
+            loop = self._loop()
+            if loop is None:
+                raise RuntimeError("the event loop is gone")
+            loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # the loop is closed
             with self._lock:
                 self._closed = True

@@ -8,6 +8,7 @@ Without a front door (direct invokes, the Runtime API loop) the service admits b
 from __future__ import annotations
 
 import asyncio
+import gc
 import threading
 
 import pytest
@@ -213,3 +214,18 @@ def test_once_the_loop_is_closed_the_outbox_says_so():
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     assert not outbox.put(queue, "line")
     assert not outbox.put(queue, "line")  # not queued behind a wakeup that never comes
+
+
+def test_a_loop_that_is_dropped_takes_its_outbox_with_it():
+    """The dispatcher keeps one outbox per loop, weakly: a Runtime API worker's loop, or a test
+    client's, is not kept alive by it."""
+    dispatch = dispatcher()
+    loop = asyncio.new_event_loop()
+    outbox = dispatch._outbox(loop)
+    assert dispatch._outbox(loop) is outbox
+    loop.close()
+    del loop
+    gc.collect()
+    assert len(dispatch._outboxes) == 0
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    assert not outbox.put(queue, "line")
