@@ -91,7 +91,9 @@ if [[ " $STAGES " == *" p6 "* ]]; then
   timeout $((END - SECONDS)) python3 -m bench.p6_gpu --model "$W/model.gguf" --bin "$BUILD/bin" \
     --out "$W/out" --resume ${P6_ARGS:-}
   rc=$?
-  cp "$W/out"/* "$OUT/" 2>/dev/null
+  # Few files: a device call brings back only so many (the logs go in one archive).
+  cp "$W/out/p6.json" "$W/out/p6.md" "$W/out/machine.txt" "$OUT/" 2>/dev/null
+  tar czf "$OUT/p6-logs.tgz" -C "$W/out" --exclude=p6.json --exclude=p6.md . 2>/dev/null
 fi
 if [ $rc -eq 0 ] && [[ " $STAGES " == *" cold "* ]]; then
   # The image preloads the shim (layers/Dockerfile.cuda): ours runs with it here too.

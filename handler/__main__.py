@@ -27,9 +27,16 @@ def main(argv: list[str] | None = None) -> int:
     if args.command in ("runtime", "lambda", "serve"):
         # Before anything heavy is imported: the weights stream in while Python imports the rest.
         from handler.environment import current
-        from handler.model_source.prefetch import start_early
 
-        start_early(current())
+        environ = current()
+        if environ.get("INFERENCE_ENGINE", "").strip() != "llama-server":
+            from handler.model_source.prefetch import start_early
+
+            start_early(environ)
+        else:  # llama-server's child loads the model itself: it starts first
+            from handler.engine.llama_server import early
+
+            early.spawn(environ, under_awslambdaric=args.command == "lambda")
     from handler.config import ConfigError, load_settings
 
     if args.command == "runtime":

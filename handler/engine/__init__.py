@@ -6,11 +6,28 @@ process (`in_process`), `llama-server` runs llama.cpp's server as a child (`llam
 
 from __future__ import annotations
 
-from handler.config import Settings
-from handler.engine.contract import InferenceEngine
-from handler.engine.generation import Generation, GenerationResult, SamplingParams
-from handler.engine.lifecycle import LOADED_STATES, EngineState, EngineStatus, Phases
-from handler.model_source.prefetch import Prefetch
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from handler.config import Settings
+    from handler.engine.contract import InferenceEngine
+    from handler.engine.generation import Generation, GenerationResult, SamplingParams
+    from handler.engine.lifecycle import LOADED_STATES, EngineState, EngineStatus, Phases
+    from handler.model_source.prefetch import Prefetch
+
+# Imported on first use, not with the package: `handler.engine.llama_server.early` spawns the
+# child before the contract, the model sources and the prefetch are imported.
+_EXPORTS = {
+    "InferenceEngine": "handler.engine.contract",
+    "Generation": "handler.engine.generation",
+    "GenerationResult": "handler.engine.generation",
+    "SamplingParams": "handler.engine.generation",
+    "LOADED_STATES": "handler.engine.lifecycle",
+    "EngineState": "handler.engine.lifecycle",
+    "EngineStatus": "handler.engine.lifecycle",
+    "Phases": "handler.engine.lifecycle",
+}
 
 __all__ = [
     "LOADED_STATES",
@@ -36,3 +53,10 @@ def create_engine(settings: Settings, prefetch: Prefetch | None = None) -> Infer
     from handler.engine.in_process.engine import InProcessEngine
 
     return InProcessEngine(settings, prefetch=prefetch)
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -10,6 +10,7 @@ import signal
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -21,6 +22,7 @@ from fastapi.testclient import TestClient
 from bench.common import free_port, http_ok, poll, serve_command, stop
 from bench.runtime_api_server import RuntimeAPIServer
 from handler.engine import EngineState, SamplingParams
+from handler.engine.llama_server import early
 from handler.engine.llama_server.engine import LlamaServerEngine
 from handler.engine.llama_server.sampling import completion_body
 from tests.conftest import FakeContext, http_app, load_event, make_settings, model_path
@@ -507,3 +509,59 @@ def test_sigterm_stops_the_runtime_loop_and_its_llama_server_child():
             sigterm_stops_it_and_its_children(proc)
         finally:
             stop(proc)
+
+
+def early_env(**overrides: str) -> dict[str, str]:
+    return {"MODEL_URI": str(model_path()), "N_CTX": "1024", **slot_env(), **overrides}
+
+
+def test_the_engine_takes_over_the_child_spawned_early():
+    """GIVEN the child spawned by the entry point before the engine existed WHEN the engine
+    loads with the same settings THEN it serves through that process (no second spawn)."""
+    server = early.spawn(early_env())
+    assert server is not None and not server.exited()
+    assert early.spawn(early_env()) is server  # once per process
+    engine = started(slot_settings())
+    try:
+        assert engine._server is server
+        assert engine.state in (EngineState.READY, EngineState.WARM), engine.status().reason
+        answer = engine.generate(engine.tokenize("Once upon a time"), SamplingParams(max_tokens=4))
+        assert answer.text()
+    finally:
+        engine.close()
+    assert server.exited()
+
+
+def test_a_child_spawned_early_with_other_settings_is_stopped_and_replaced():
+    """GIVEN an early child whose command line is not the engine's (another N_CTX) WHEN the
+    engine loads THEN that child is stopped and the engine starts its own."""
+    server = early.spawn(early_env(N_CTX="512"))
+    assert server is not None
+    engine = started(slot_settings())
+    try:
+        assert server.exited()
+        assert engine._server is not server and not engine._server.exited()
+    finally:
+        engine.close()
+
+
+def test_serve_spawns_the_child_before_it_imports_the_engine():
+    """GIVEN `python -m handler serve` on the llama-server engine WHEN it starts THEN the child
+    it spawned first is the one that serves: one spawn in the log, taken over by the engine."""
+    port = free_port()
+    with tempfile.TemporaryFile("w+") as sink:
+        proc = subprocess.Popen(
+            serve_command(port),
+            env=_env(slot_env()),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=sink,
+        )
+        try:
+            poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.05, proc=proc)
+        finally:
+            stop(proc, grace_s=10)
+        sink.seek(0)
+        log = sink.read()
+    assert log.count("coldstart.llama_server starting ") == 1, log
+    assert "llama-server was started early" in log, log

@@ -38,6 +38,7 @@ from handler.engine.generation import (
     TokenLogprob,
 )
 from handler.engine.lifecycle import EngineState, EngineStatus
+from handler.engine.llama_server import early
 from handler.engine.llama_server.process import (
     AnswerBroken,
     LlamaServer,
@@ -197,7 +198,8 @@ class LlamaServerEngine(EngineBase):
             target=importlib.import_module, args=("jinja2.sandbox",), daemon=True
         ).start()
         with self.lifecycle.timed("load_s"):
-            self._server = LlamaServer(self.settings, str(self._model.path))
+            path = str(self._model.path)
+            self._server = early.take(self.settings, path) or LlamaServer(self.settings, path)
             atexit.register(self.close)
             self._server.start(on_listening=self._pause_prefetch())
         props = self._server.call("GET", "/props")

@@ -84,10 +84,8 @@ class LlamaServer:
         self._process: subprocess.Popen[bytes] | None = None
         self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
 
-    def start(self, on_listening: Callable[[], None] | None = None) -> None:
-        """Spawn the server and wait until it answers /health (the model is loaded);
-        `on_listening` runs once when it first answers at all (503 while it loads): its
-        libraries and CUDA are up, and the model load begins."""
+    def spawn(self) -> None:
+        """Start the process (it loads the model on its own); `start` waits for it."""
         binary = shutil.which(self.settings.llama_server_bin)
         if binary is None:
             raise ServerError(f"LLAMA_SERVER_BIN {self.settings.llama_server_bin!r} not found")
@@ -99,6 +97,24 @@ class LlamaServer:
             command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
         )
         threading.Thread(target=self._pump_log, name="coldstart-llama-log", daemon=True).start()
+
+    def runs(self, settings: Settings, model_path: str) -> bool:
+        """Whether this process was started with the command line `settings` and `model_path`
+        give (the port aside) and is still running."""
+        return (
+            self._process is not None
+            and self._process.poll() is None
+            and server_command(settings, model_path, 0)
+            == server_command(self.settings, self.model_path, 0)
+        )
+
+    def start(self, on_listening: Callable[[], None] | None = None) -> None:
+        """Spawn the server unless `spawn` did, and wait until it answers /health (the model
+        is loaded); `on_listening` runs once when it first answers at all (503 while it loads):
+        its libraries and CUDA are up, and the model load begins."""
+        if self._process is None:
+            self.spawn()
+        assert self._process is not None
         while (status := self._health()) != 200:
             if status is not None and on_listening is not None:
                 on_listening()
@@ -109,6 +125,11 @@ class LlamaServer:
             time.sleep(HEALTH_POLL_S)
         if on_listening is not None:
             on_listening()
+
+    @property
+    def pid(self) -> int | None:
+        """The process id, once spawned."""
+        return None if self._process is None else self._process.pid
 
     def wait(self) -> int:
         """Block until the process exits; its exit code."""
