@@ -97,9 +97,11 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from handler.service.openai_service import OpenAIService
-    from handler.web.fastapi_app import create_app
+    from handler.web.plain_app import PlainApp, fastapi_fallback
 
-    app = create_app(OpenAIService(engine, settings), watch_disconnect=True)
+    service = OpenAIService(engine, settings)
+    fallback = fastapi_fallback(service, watch_disconnect=True)
+    app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True)
     engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     exit_on_sigterm()  # after uvicorn's graceful shutdown, the engine is closed below
@@ -114,6 +116,7 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
             access_log=False,
             loop="uvloop",
             http="httptools",
+            lifespan="off",  # nothing to start or stop; the fallback would build FastAPI for it
         )
     finally:
         engine.close()

@@ -5,12 +5,19 @@ more than the whole model load, and a cold Lambda pays it before its first answe
 the same route table with the same validation, auth, limits and error objects (a differential
 test keeps the two apps in step), so the cold invoke never waits for FastAPI. A request it does
 not speak (a body that is not JSON) goes to `fallback`, the FastAPI app, built on first need.
+
+`python -m handler serve` runs it too (`watch_disconnect`): a request then costs our process
+less CPU than through FastAPI (bench/RESULTS.md, "The plain app behind serve"), the server starts
+without importing FastAPI, and a stream's lines come from the dispatcher's pool and stop when the
+client hangs up.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
+import threading
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 from handler.config import Settings
@@ -30,6 +37,29 @@ Send = Callable[[dict[str, Any]], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 JSON_TYPES = (b"", b"application/json")
+_SSE_HEADERS = (
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    *((k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items()),
+)
+
+
+def fastapi_fallback(service: OpenAIService, watch_disconnect: bool) -> Callable[[], ASGIApp]:
+    """The FastAPI app of `service`, imported and built on the first call (once, from any
+    thread): the fallback of a plain app that serves HTTP (`python -m handler serve`)."""
+    built: list[ASGIApp] = []
+    lock = threading.Lock()
+
+    def build() -> ASGIApp:
+        with lock:
+            if not built:
+                from handler.web.fastapi_app import create_app
+
+                # FastAPI's own ASGI types (MutableMapping scopes) are wider than ours.
+                app: Any = create_app(service, watch_disconnect=watch_disconnect)
+                built.append(app)
+            return built[0]
+
+    return build
 
 
 class PlainApp:
@@ -58,7 +88,10 @@ class PlainApp:
         if not self.speaks(scope):
             if self._fallback is None:
                 return  # lifespan and websockets: nothing to do
-            await self._fallback()(scope, receive, send)
+            # On a thread: building the FastAPI app imports it (0.25 s), which would stall
+            # every stream on this loop meanwhile.
+            fallback = await asyncio.to_thread(self._fallback)
+            await fallback(scope, receive, send)
             return
         try:
             result = await self._serve(scope, receive)
@@ -69,6 +102,12 @@ class PlainApp:
             log.exception("unexpected error")
             error = InternalError("internal error")
             await _send_json(send, error.status, error.body())
+            return
+        if isinstance(result, ChunkStream) and self.dispatcher.watch_disconnect:
+            try:
+                await _serve_sse(send, receive, self.dispatcher.sse(result))
+            finally:
+                result.close()
             return
         await _send_result(send, result)
 
@@ -135,10 +174,37 @@ async def _send(
     await send({"type": "http.response.body", "body": body})
 
 
+async def _serve_sse(send: Send, receive: Receive, lines: AsyncIterator[str]) -> None:
+    """A stream to an HTTP client (server mode): lines as the dispatcher's pool makes them,
+    stopped as soon as the client hangs up, even while no line is due (a long prompt)."""
+    sending = asyncio.ensure_future(_send_sse_lines(send, lines))
+    hung_up = asyncio.ensure_future(_until_disconnect(receive))
+    try:
+        await asyncio.wait((sending, hung_up), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in (sending, hung_up):
+            task.cancel()
+        # The lines' generator closes its stream once cancelled; wait for that, keep errors.
+        await asyncio.gather(sending, hung_up, return_exceptions=True)
+    error = None if sending.cancelled() else sending.exception()
+    if error is not None:
+        raise error
+
+
+async def _send_sse_lines(send: Send, lines: AsyncIterator[str]) -> None:
+    await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
+    async for line in lines:
+        await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def _until_disconnect(receive: Receive) -> None:
+    while (await receive())["type"] != "http.disconnect":
+        pass
+
+
 async def _send_sse(send: Send, lines: Iterator[str]) -> None:
-    headers = [(b"content-type", b"text/event-stream; charset=utf-8")]
-    headers += [(k.lower().encode(), v.encode()) for k, v in SSE_HEADERS.items()]
-    await send({"type": "http.response.start", "status": 200, "headers": headers})
+    await send({"type": "http.response.start", "status": 200, "headers": list(_SSE_HEADERS)})
     for line in lines:
         await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
     await send({"type": "http.response.body", "body": b""})

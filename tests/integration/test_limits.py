@@ -63,6 +63,30 @@ def test_client_disconnect_stops_a_buffered_generation():
         assert float(last.split()[1]) < 1000
 
 
+def test_client_disconnect_stops_a_streamed_generation():
+    """GIVEN a stream under way WHEN its client hangs up THEN the generation stops there, long
+    before its 1,000 tokens, and no error is logged for the stream the client left."""
+    with http_server() as base, httpx.Client(timeout=120) as client:
+        with client.stream(
+            "POST", base + "/v1/completions", json={**COUNTING, "stream": True}
+        ) as stream:
+            lines = stream.iter_lines()
+            assert next(lines).startswith("data: ")  # generating
+        # Leaving the block closed the connection mid-stream.
+
+        def cancelled_request_finished() -> bool:
+            return "coldstart_completion_tokens_count 1" in client.get(base + "/metrics").text
+
+        wait_until(cancelled_request_finished, 60)
+        text = client.get(base + "/metrics").text
+        last = next(
+            line
+            for line in text.splitlines()
+            if line.startswith("coldstart_completion_tokens_last ")
+        )
+        assert float(last.split()[1]) < 1000
+
+
 def test_server_mode_answers_503_at_once_while_loading_then_200():
     settings = make_settings()
     release = threading.Event()

@@ -6,16 +6,22 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
 
 import httpx
 import pytest
 
+from bench.common import free_port, serve_command, stop
 from handler.service.openai_service import OpenAIService
 from handler.web.fastapi_app import create_app
 from handler.web.plain_app import PlainApp
 from handler.web.routes import ROUTES
 from tests.conftest import make_settings
+from tests.integration.servers import _env, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -207,3 +213,40 @@ def test_lambda_init_does_not_import_fastapi():
         env={"MODEL_URI": str(model_path()), "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)},
     ).stdout.split()
     assert out == ["False", "False", "False"]
+
+
+def test_serve_answers_without_fastapi_until_a_body_needs_it():
+    """GIVEN `python -m handler serve` WHEN JSON requests come THEN FastAPI is never imported (a
+    cold start does not pay for it); a body that is not JSON goes to the FastAPI app, built
+    then, and its answer is an OpenAI error object too."""
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with tempfile.NamedTemporaryFile() as log:
+        proc = subprocess.Popen(
+            serve_command(port),
+            env=_env({"PYTHONPROFILEIMPORTTIME": "1"}),
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            wait_until(lambda: httpx.get(base + "/readyz", timeout=1).status_code == 200, 60, proc)
+            body = {"prompt": "The sky is", "max_tokens": 2}
+            assert httpx.post(base + "/v1/completions", json=body).status_code == 200
+
+            def imported(module: str) -> bool:
+                text = Path(log.name).read_text(errors="replace")
+                return re.search(rf"\|\s+{re.escape(module)}$", text, re.MULTILINE) is not None
+
+            assert imported("handler.web.plain_app")
+            assert not imported("fastapi")
+            odd = httpx.post(
+                base + "/v1/completions",
+                content=json.dumps(body),
+                headers={"content-type": "text/plain"},
+            )
+            assert odd.status_code == 400
+            assert odd.json()["error"]["type"] == "invalid_request_error"
+            assert imported("fastapi")
+        finally:
+            stop(proc, grace_s=10)
