@@ -58,7 +58,7 @@ from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch, start_for
 
 if TYPE_CHECKING:
-    import http.client
+    from handler.engine.llama_server.upstream import Connection
 
 log = logging.getLogger("coldstart.llama_server")
 
@@ -88,11 +88,11 @@ class HangUps:
     poll_s = 0.2
 
     def __init__(self) -> None:
-        self._watched: dict[int, tuple[Generation, http.client.HTTPConnection]] = {}
+        self._watched: dict[int, tuple[Generation, Connection]] = {}
         self._lock = threading.Lock()
         self._running = False
 
-    def watch(self, generation: Generation, conn: http.client.HTTPConnection) -> None:
+    def watch(self, generation: Generation, conn: Connection) -> None:
         """Shut `conn` down once `generation` is cancelled, until `forget`."""
         with self._lock:
             self._watched[id(generation)] = (generation, conn)
@@ -339,7 +339,7 @@ class LlamaServerEngine(EngineBase):
 
     def _send(
         self,
-        conn: http.client.HTTPConnection,
+        conn: Connection,
         prompt: list[int],
         params: SamplingParams,
         deadline: float | None,
@@ -367,7 +367,7 @@ class LlamaServerEngine(EngineBase):
 
     @staticmethod
     def _read_stream(
-        conn: http.client.HTTPConnection,
+        conn: Connection,
         started: float,
         params: SamplingParams,
         deadline: float | None,
@@ -419,7 +419,7 @@ class LlamaServerEngine(EngineBase):
 
     def _read_answer(
         self,
-        conn: http.client.HTTPConnection,
+        conn: Connection,
         params: SamplingParams,
         deadline: float | None,
         out: Generation,

@@ -17,13 +17,11 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from handler.config import Settings
+from handler.engine.llama_server.upstream import BrokenAnswer, Connection
 from handler.errors import ContextLengthExceeded, ModelNotReady
-
-if TYPE_CHECKING:
-    import http.client
 
 log = logging.getLogger("coldstart.llama_server")
 
@@ -162,9 +160,8 @@ class LlamaServer:
         """A short JSON call (/props, /tokenize, a warm-up /completion)."""
         conn = self.connect(CALL_TIMEOUT_S)
         try:
-            payload = None if body is None else json.dumps(body)
-            conn.request(method, path, payload, {"Content-Type": "application/json"})
-            response = conn.getresponse()
+            conn.request(method, path, None if body is None else json.dumps(body).encode())
+            response = conn.response()
             data = response.read()
         except OSError as exc:
             raise ServerError(f"llama-server {path}: {exc}") from None
@@ -175,20 +172,17 @@ class LlamaServer:
         result: dict[str, Any] = json.loads(data)
         return result
 
-    def connect(self, timeout_s: float | None) -> http.client.HTTPConnection:
-        """A connection to the child; closing it mid-answer cancels the task."""
-        # Imported once the child is spawned: http.client brings email and ssl (about 40
-        # modules, 37 ms warm and more from a cold disk) that its start need not wait for.
-        import http.client
-
-        return http.client.HTTPConnection(HOST, self.port, timeout=timeout_s)
+    def connect(self, timeout_s: float | None) -> Connection:
+        """A connection to the child (connected by its request); closing it mid-answer cancels
+        the task."""
+        return Connection(HOST, self.port, timeout_s)
 
     def _health(self) -> int | None:
         """The status /health answers, None while nothing listens."""
         conn = self.connect(1.0)
         try:
             conn.request("GET", "/health")
-            return conn.getresponse().status
+            return conn.response().status
         except OSError:
             return None  # not listening yet
         finally:
@@ -204,21 +198,21 @@ class LlamaServer:
                 log.debug("llama-server: %s", line)
 
 
-def send_completion(conn: http.client.HTTPConnection, body: dict[str, Any]) -> None:
+def send_completion(conn: Connection, body: dict[str, Any]) -> None:
     """POST /completion; its answer is read later (`read_events`, `read_answer`), on the thread
     that reads the generation, while the child already works on it."""
     try:
-        conn.request("POST", "/completion", json.dumps(body), {"Content-Type": "application/json"})
+        conn.request("POST", "/completion", json.dumps(body).encode())
     except OSError as exc:
         raise ServerError(f"llama-server /completion: {exc}") from None
 
 
-def read_events(conn: http.client.HTTPConnection) -> Iterator[dict[str, Any]]:
+def read_events(conn: Connection) -> Iterator[dict[str, Any]]:
     """The JSON objects of a streamed /completion answer, one per sampled token."""
-    response = conn.getresponse()
+    response = conn.response()
     if response.status != 200:
         raise server_error(response.status, response.read())
-    for line in response:
+    for line in response.lines():
         if line.startswith(b"data: "):
             chunk: dict[str, Any] = json.loads(line[6:])
             if "error" in chunk:
@@ -226,15 +220,13 @@ def read_events(conn: http.client.HTTPConnection) -> Iterator[dict[str, Any]]:
             yield chunk
 
 
-def read_answer(conn: http.client.HTTPConnection) -> dict[str, Any]:
+def read_answer(conn: Connection) -> dict[str, Any]:
     """A non-streamed /completion answer; AnswerBroken when the connection breaks first."""
-    import http.client  # loaded by `connect` already
-
     try:
-        response = conn.getresponse()
+        response = conn.response()
         data = response.read()
-    except http.client.HTTPException as exc:
-        raise AnswerBroken(f"llama-server /completion: {exc!r}") from exc
+    except BrokenAnswer as exc:
+        raise AnswerBroken(f"llama-server /completion: {exc}") from exc
     if response.status != 200:
         raise server_error(response.status, data)
     answer: dict[str, Any] = json.loads(data)
