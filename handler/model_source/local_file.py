@@ -9,8 +9,9 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import unquote, urlparse
+from urllib.parse import urlparse
 
+from handler.environment import path_of_uri
 from handler.model_source.gguf import check_gguf_file
 from handler.model_source.resolved import ModelSourceError, ResolvedModel
 
@@ -39,14 +40,12 @@ def resolve_local_file(settings: Settings) -> ResolvedModel:
 
 def local_path(uri: str) -> Path:
     """A plain path or `file://` URI as a Path; other schemes are a configuration error."""
-    parsed = urlparse(uri)
-    if parsed.scheme == "file":
-        return Path(unquote(parsed.path))
-    if parsed.scheme and len(parsed.scheme) > 1:  # one letter would be a Windows drive
+    path = path_of_uri(uri)
+    if path is None:
         raise ModelSourceError(
-            f"model {uri}: unsupported scheme {parsed.scheme!r} (use a path or s3://)"
+            f"model {uri}: unsupported scheme {urlparse(uri).scheme!r} (use a path or s3://)"
         )
-    return Path(uri)
+    return path
 
 
 def sha256_file(path: Path, chunk_bytes: int = 8 << 20) -> str:

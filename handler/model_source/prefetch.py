@@ -29,9 +29,8 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
-from urllib.parse import unquote, urlparse
 
-from handler.environment import DEFAULT_MODEL_PATH
+from handler.environment import DEFAULT_MODEL_PATH, path_of_uri
 
 if TYPE_CHECKING:
     from handler.config import Settings
@@ -304,17 +303,15 @@ def start_early(environ: Mapping[str, str]) -> Prefetch | None:
         return None
     if environ.get("INFERENCE_ENGINE", "").strip() == "llama-server":
         return None  # its engine starts the read-ahead once the child is up (`start_at_init`)
-    uri = environ.get("MODEL_URI", "").strip() or DEFAULT_MODEL_PATH
-    if uri.startswith("file://"):
-        uri = unquote(urlparse(uri).path)
-    elif "://" in uri:
-        return None
+    path = path_of_uri(environ.get("MODEL_URI", "").strip() or DEFAULT_MODEL_PATH)
+    if path is None:
+        return None  # s3:// and the like: downloaded first
     try:
         readers = int(environ.get("PREFETCH_READERS", DEFAULT_READERS))
         reserve = int(environ.get("PREFETCH_RESERVE_MB", DEFAULT_RESERVE_BYTES >> 20)) << 20
     except ValueError:
         return None
-    prefetch = start(Path(uri), max(1, readers), max(0, reserve))
+    prefetch = start(path, max(1, readers), max(0, reserve))
     if prefetch is not None:
         _EARLY.append(prefetch)
     return prefetch

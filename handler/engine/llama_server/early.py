@@ -18,11 +18,10 @@ from __future__ import annotations
 import atexit
 import logging
 from collections.abc import Mapping
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 from handler.config import ConfigError, Settings, load_settings
 from handler.engine.llama_server.process import LlamaServer
+from handler.environment import path_of_uri
 from handler.telemetry import configure_logging
 
 log = logging.getLogger("coldstart.llama_server")
@@ -64,14 +63,8 @@ def local_model_path(settings: Settings) -> str | None:
     """The model's path as the engine will resolve it, or None unless it may be read now."""
     if settings.model_verify_hash and settings.model_sha256:
         return None
-    parsed = urlparse(settings.model_uri)
-    if parsed.scheme == "file":
-        path = Path(unquote(parsed.path))
-    elif parsed.scheme and len(parsed.scheme) > 1:
-        return None  # s3:// (or a scheme the engine will reject)
-    else:
-        path = Path(settings.model_uri)
-    return str(path) if path.is_file() else None
+    path = path_of_uri(settings.model_uri)  # None: s3:// (or a scheme the engine rejects)
+    return str(path) if path is not None and path.is_file() else None
 
 
 def take(settings: Settings, model_path: str) -> LlamaServer | None:
