@@ -97,10 +97,10 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from handler.service.openai_service import OpenAIService
-    from handler.web.plain_app import PlainApp, fastapi_fallback
+    from handler.web.plain_app import LazyFastAPI, PlainApp
 
     service = OpenAIService(engine, settings)
-    fallback = fastapi_fallback(service, watch_disconnect=True)
+    fallback = LazyFastAPI(service, watch_disconnect=True)
     app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True)
     engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes

@@ -11,7 +11,7 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Awaitable, Callable, MutableMapping
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from handler import deadline as deadlines
@@ -22,7 +22,7 @@ from handler.errors import APIError, InternalError, InvalidRequest
 from handler.service.openai_service import OpenAIService
 from handler.telemetry import Invocation, Metrics, invocation_scope, log_fields
 from handler.web.http import parse_body, render_json
-from handler.web.plain_app import PlainApp
+from handler.web.plain_app import ASGIApp, LazyFastAPI, PlainApp
 from handler.web.routes import Call, direct_route
 
 if TYPE_CHECKING:
@@ -46,11 +46,6 @@ PHASE_METRICS = {
     "warmup_s": "WarmupDuration",
 }
 
-ASGIApp = Callable[
-    [MutableMapping[str, Any], Callable[[], Awaitable[Any]], Callable[[Any], Awaitable[None]]],
-    Awaitable[None],
-]
-
 
 class LambdaApp:
     """Routes one Lambda event to Mangum, the keep-warm ping, or a direct route."""
@@ -70,9 +65,8 @@ class LambdaApp:
         self._phases_reported: set[str] = set()
         self._cold_lock = threading.Lock()
         # The plain app serves the cold invoke; FastAPI is built after it, off the request path.
-        self.plain_app = PlainApp(self.service, settings, fallback=self.full_app)
-        self._full_app: ASGIApp | None = None
-        self._full_app_lock = threading.Lock()
+        self._full_app = LazyFastAPI(self.service)
+        self.plain_app = PlainApp(self.service, settings, fallback=self._full_app)
         # lifespan="off": Mangum would run the ASGI lifespan on every invocation.
         self.mangum = Mangum(self.asgi, lifespan="off")
 
@@ -80,21 +74,15 @@ class LambdaApp:
 
     async def asgi(self, scope: Any, receive: Any, send: Any) -> None:
         """The FastAPI app once it is built, else the plain app (same routes, same answers)."""
-        app = self._full_app or self.plain_app
+        app = self._full_app.app or self.plain_app
         await app(scope, receive, send)
 
     def full_app(self) -> ASGIApp:
         """The FastAPI app, imported and built once (thread-safe)."""
-        if self._full_app is None:
-            with self._full_app_lock:
-                if self._full_app is None:
-                    from handler.web.fastapi_app import create_app
-
-                    self._full_app = create_app(self.service)
-        return self._full_app
+        return self._full_app()
 
     def _build_full_app_in_background(self) -> None:
-        if self._full_app is None:
+        if self._full_app.app is None:
             threading.Thread(target=self.full_app, name="coldstart-app-import", daemon=True).start()
 
     # ------------------------------------------------------------- invocations

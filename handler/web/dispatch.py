@@ -182,7 +182,12 @@ def _abandon(future: Future[Result], ticket: Ticket) -> None:
         result.close()
 
 
-async def _set_on_disconnect(receive: Receive, cancel: threading.Event) -> None:
+async def until_disconnect(receive: Receive) -> None:
+    """Return when the client has hung up (`receive` reports http.disconnect)."""
     while (await receive())["type"] != "http.disconnect":
         pass
+
+
+async def _set_on_disconnect(receive: Receive, cancel: threading.Event) -> None:
+    await until_disconnect(receive)
     cancel.set()

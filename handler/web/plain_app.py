@@ -25,7 +25,7 @@ from handler.errors import APIError, InternalError, PayloadTooLarge
 from handler.service.chunk_stream import ChunkStream
 from handler.service.health import Reply
 from handler.service.openai_service import OpenAIService
-from handler.web.dispatch import Dispatcher
+from handler.web.dispatch import Dispatcher, until_disconnect
 from handler.web.http import SSE_HEADERS, render_json, sse_lines
 from handler.web.routes import Result, resolve
 
@@ -43,23 +43,26 @@ _SSE_HEADERS = (
 )
 
 
-def fastapi_fallback(service: OpenAIService, watch_disconnect: bool) -> Callable[[], ASGIApp]:
-    """The FastAPI app of `service`, imported and built on the first call (once, from any
-    thread): the fallback of a plain app that serves HTTP (`python -m handler serve`)."""
-    built: list[ASGIApp] = []
-    lock = threading.Lock()
+class LazyFastAPI:
+    """The FastAPI app of `service`, imported and built on the first call, once, from any thread;
+    `app` is None until then. A plain app's fallback (`python -m handler serve`, Lambda)."""
 
-    def build() -> ASGIApp:
-        with lock:
-            if not built:
-                from handler.web.fastapi_app import create_app
+    def __init__(self, service: OpenAIService, watch_disconnect: bool = False) -> None:
+        self.service = service
+        self.watch_disconnect = watch_disconnect
+        self.app: ASGIApp | None = None
+        self._lock = threading.Lock()
 
-                # FastAPI's own ASGI types (MutableMapping scopes) are wider than ours.
-                app: Any = create_app(service, watch_disconnect=watch_disconnect)
-                built.append(app)
-            return built[0]
+    def __call__(self) -> ASGIApp:
+        if self.app is None:
+            with self._lock:
+                if self.app is None:
+                    from handler.web.fastapi_app import create_app
 
-    return build
+                    # FastAPI's own ASGI types (MutableMapping scopes) are wider than ours.
+                    built: Any = create_app(self.service, watch_disconnect=self.watch_disconnect)
+                    self.app = built
+        return self.app
 
 
 class PlainApp:
@@ -178,7 +181,7 @@ async def _serve_sse(send: Send, receive: Receive, lines: AsyncIterator[str]) ->
     """A stream to an HTTP client (server mode): lines as the dispatcher's pool makes them,
     stopped as soon as the client hangs up, even while no line is due (a long prompt)."""
     sending = asyncio.ensure_future(_send_sse_lines(send, lines))
-    hung_up = asyncio.ensure_future(_until_disconnect(receive))
+    hung_up = asyncio.ensure_future(until_disconnect(receive))
     try:
         await asyncio.wait((sending, hung_up), return_when=asyncio.FIRST_COMPLETED)
     finally:
@@ -196,11 +199,6 @@ async def _send_sse_lines(send: Send, lines: AsyncIterator[str]) -> None:
     async for line in lines:
         await send({"type": "http.response.body", "body": line.encode(), "more_body": True})
     await send({"type": "http.response.body", "body": b""})
-
-
-async def _until_disconnect(receive: Receive) -> None:
-    while (await receive())["type"] != "http.disconnect":
-        pass
 
 
 async def _send_sse(send: Send, lines: Iterator[str]) -> None:
