@@ -15,10 +15,8 @@ sequences run here too, so both engines answer a request the same way. The child
 from __future__ import annotations
 
 import atexit
-import contextlib
 import importlib
 import logging
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -80,46 +78,6 @@ class Gate:
             self._then()
 
 
-class HangUps:
-    """One thread for every buffered request in flight: a cancelled one's connection is shut
-    down, which wakes the read blocked on it, and llama-server drops the task. (A thread per
-    request polling its own cancel woke 5 x 64 times a second at 64 requests.)"""
-
-    poll_s = 0.2
-
-    def __init__(self) -> None:
-        self._watched: dict[int, tuple[Generation, Connection]] = {}
-        self._lock = threading.Lock()
-        self._running = False
-
-    def watch(self, generation: Generation, conn: Connection) -> None:
-        """Shut `conn` down once `generation` is cancelled, until `forget`."""
-        with self._lock:
-            self._watched[id(generation)] = (generation, conn)
-            start, self._running = not self._running, True
-        if start:
-            threading.Thread(target=self._run, name="coldstart-hang-ups", daemon=True).start()
-
-    def forget(self, generation: Generation) -> None:
-        """Stop watching `generation` (its answer came, or its read ended)."""
-        with self._lock:
-            self._watched.pop(id(generation), None)
-
-    def _run(self) -> None:
-        while True:
-            time.sleep(self.poll_s)
-            with self._lock:
-                if not self._watched:
-                    self._running = False
-                    return
-                watched = list(self._watched.values())
-            for generation, conn in watched:
-                sock = conn.sock  # once: the reader's close sets it to None meanwhile
-                if generation.cancelled and sock is not None:
-                    with contextlib.suppress(OSError):  # closed by the reader already
-                        sock.shutdown(socket.SHUT_RDWR)
-
-
 class LlamaServerEngine(EngineBase):
     """The engine contract, served by a llama-server child process."""
 
@@ -140,7 +98,6 @@ class LlamaServerEngine(EngineBase):
         # The read-ahead started here waits for the child to answer HTTP (its libraries read)
         # and for the entry point's imports (`app_built`): both read the storage the model is on.
         self._prefetch_gate = Gate(2, self._prefetch_when_both_arrived)
-        self._hang_ups = HangUps()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -307,10 +264,17 @@ class LlamaServerEngine(EngineBase):
         with self._in_flight_lock:
             self._in_flight += 1
             on_backend = samples_on_backend(self.settings, self._in_flight)
+        # A request someone can cancel (a client that may hang up) is streamed from the child
+        # even when its answer is buffered here: llama-server checks whether the client of a
+        # buffered /completion is still there only after a second in which no slot produced
+        # anything (one condition variable wakes every waiting request), so under any load a
+        # hung-up buffered request kept its slot to the end. A streamed one stops at its next
+        # token, when the write fails.
+        upstream_streams = streaming or cancel is not None
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         # A streamed answer's socket times out at the deadline; a buffered one is ended by
         # llama-server's own time limit, so its socket waits a little longer.
-        conn = server.connect(left if streaming or left is None else left + 1.0)
+        conn = server.connect(left if upstream_streams or left is None else left + 1.0)
 
         def release() -> None:
             conn.close()  # mid-answer, this makes llama-server drop the slot's task
@@ -328,7 +292,7 @@ class LlamaServerEngine(EngineBase):
                 params,
                 deadline,
                 generation,
-                streaming=streaming,
+                streaming=upstream_streams,
                 on_backend=on_backend,
             )
         except BaseException:
@@ -350,9 +314,9 @@ class LlamaServerEngine(EngineBase):
     ) -> Iterator[Piece]:
         """Send the /completion now; the generator of its pieces, read later.
 
-        A buffered request is one non-streamed /completion: llama-server applies the stop
-        strings and the time limit, and this process parses one JSON answer instead of one per
-        token (at 64 streams, per-token parsing here capped the aggregate at a quarter)."""
+        A buffered request nobody can cancel (a Lambda invoke) is one non-streamed /completion:
+        llama-server applies the stop strings and the time limit, and this process parses one
+        JSON answer instead of one per token. `streaming` says which of the two is sent."""
         limit_ms = None
         if not streaming and deadline is not None:
             limit_ms = max(1, int((deadline - time.monotonic()) * 1000))
@@ -425,16 +389,14 @@ class LlamaServerEngine(EngineBase):
         out: Generation,
     ) -> Iterator[Piece]:
         result = out.result
-        self._hang_ups.watch(out, conn)
         try:
             answer = read_answer(conn)
         except (TimeoutError, OSError, AnswerBroken):
-            if out.cancelled or deadline is not None:
+            if deadline is not None:
                 result.interrupted = True
                 return
             raise
         finally:
-            self._hang_ups.forget(out)
             conn.close()
         stop_type = answer.get("stop_type")
         predicted = int(answer.get("tokens_predicted", 0))
