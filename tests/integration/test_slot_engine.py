@@ -209,6 +209,38 @@ def test_a_buffered_request_cancelled_while_it_is_read_frees_its_slot(slots):
     assert most_decoded(slots) < 2000  # stopped, not finished
 
 
+@pytest.mark.parametrize("stop", [(" 9",), ()])
+def test_a_buffered_answer_is_the_same_whether_a_client_can_cancel_it_or_not(slots, stop):
+    """Cancellable, it is read from the child as a stream and handed on as one piece; otherwise
+    it is one /completion answer: the same text, counts and finish either way."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=stop)
+    answers = []
+    for cancel in (None, threading.Event()):
+        generation = slots.generate(
+            slots.tokenize("1, 2, 3,"), params, streaming=False, cancel=cancel
+        )
+        pieces = list(generation.pieces())
+        result = generation.result
+        answers.append((pieces, result.completion_tokens, result.finish_reason, result.interrupted))
+    assert answers[0] == answers[1]
+    pieces, tokens, finish, interrupted = answers[0]
+    assert finish == ("stop" if stop else "length") and 0 < tokens <= 24 and not interrupted
+    assert len(pieces) == 1 and pieces[0].text.startswith(" 4, 5")
+
+
+def test_a_buffered_answers_logprobs_name_each_tokens_own_text(slots):
+    """A stop string that holds text back (" " of " 9") must not move that text onto the next
+    token's logprob, as llama-server's one-answer /completion does ('' then ' 4')."""
+    params = SamplingParams(max_tokens=24, temperature=0.0, stop=(" 9",), logprobs=2)
+    for cancel in (None, threading.Event()):
+        generation = slots.generate(
+            slots.tokenize("1, 2, 3,"), params, streaming=False, cancel=cancel
+        )
+        (piece,) = generation.pieces()
+        assert all(entry.token for entry in piece.logprobs)
+        assert "".join(entry.token for entry in piece.logprobs) == piece.text == " 4, 5, 6, 7, 8,"
+
+
 def test_deadline_ends_the_generation_with_length(slots):
     generation = slots.generate(
         slots.tokenize("1, 2, 3,"),

@@ -19,7 +19,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from typing import TYPE_CHECKING, Any
 
 from handler import deadline as deadlines
@@ -264,13 +264,8 @@ class LlamaServerEngine(EngineBase):
         with self._in_flight_lock:
             self._in_flight += 1
             on_backend = samples_on_backend(self.settings, self._in_flight)
-        # A request someone can cancel (a client that may hang up) is streamed from the child
-        # even when its answer is buffered here: llama-server checks whether the client of a
-        # buffered /completion is still there only after a second in which no slot produced
-        # anything (one condition variable wakes every waiting request), so under any load a
-        # hung-up buffered request kept its slot to the end. A streamed one stops at its next
-        # token, when the write fails.
-        upstream_streams = streaming or cancel is not None
+        # See `_send`: the same condition.
+        upstream_streams = streaming or cancel is not None or params.logprobs is not None
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         # A streamed answer's socket times out at the deadline; a buffered one is ended by
         # llama-server's own time limit, so its socket waits a little longer.
@@ -292,7 +287,8 @@ class LlamaServerEngine(EngineBase):
                 params,
                 deadline,
                 generation,
-                streaming=upstream_streams,
+                streaming=streaming,
+                one_answer=not streaming and cancel is None and params.logprobs is None,
                 on_backend=on_backend,
             )
         except BaseException:
@@ -310,24 +306,33 @@ class LlamaServerEngine(EngineBase):
         out: Generation,
         *,
         streaming: bool,
+        one_answer: bool,
         on_backend: bool,
     ) -> Iterator[Piece]:
         """Send the /completion now; the generator of its pieces, read later.
 
-        A buffered request nobody can cancel (a Lambda invoke) is one non-streamed /completion:
-        llama-server applies the stop strings and the time limit, and this process parses one
-        JSON answer instead of one per token. `streaming` says which of the two is sent."""
+        With `one_answer` (a buffered request nobody can cancel, without logprobs: a Lambda
+        invoke) it is one non-streamed /completion: llama-server applies the stop strings and
+        the time limit, and this process parses one JSON answer instead of one per token. Any
+        other buffered request is streamed from the child and handed on as one piece:
+        - llama-server checks whether the client of a buffered /completion is still there only
+          after a second in which no slot produced anything (one condition variable wakes every
+          waiting request), so under any load a hung-up buffered request kept its slot to its
+          last token; a streamed one is dropped at its next token, when the write fails;
+        - a buffered answer's logprobs give a token whose text a stop string held back the text
+          '' and the next one both texts; streamed, each token has its own."""
         limit_ms = None
-        if not streaming and deadline is not None:
+        if one_answer and deadline is not None:
             limit_ms = max(1, int((deadline - time.monotonic()) * 1000))
         body = completion_body(
-            prompt, params, stream=streaming, time_limit_ms=limit_ms, on_backend=on_backend
+            prompt, params, stream=not one_answer, time_limit_ms=limit_ms, on_backend=on_backend
         )
         started = time.perf_counter()
         send_completion(conn, body)
-        if streaming:
-            return self._read_stream(conn, started, params, deadline, out)
-        return self._read_answer(conn, params, deadline, out)
+        if one_answer:
+            return self._read_answer(conn, params, deadline, out)
+        pieces = self._read_stream(conn, started, params, deadline, out)
+        return pieces if streaming else coalesced(pieces)
 
     @staticmethod
     def _read_stream(
@@ -336,7 +341,7 @@ class LlamaServerEngine(EngineBase):
         params: SamplingParams,
         deadline: float | None,
         out: Generation,
-    ) -> Iterator[Piece]:
+    ) -> Generator[Piece, None, None]:
         result = out.result
         stops = StopMatcher(params.stop)
         hit_stop = False
@@ -382,11 +387,7 @@ class LlamaServerEngine(EngineBase):
         result.set_decode_rate(first_at)
 
     def _read_answer(
-        self,
-        conn: Connection,
-        params: SamplingParams,
-        deadline: float | None,
-        out: Generation,
+        self, conn: Connection, params: SamplingParams, deadline: float | None, out: Generation
     ) -> Iterator[Piece]:
         result = out.result
         try:
@@ -408,11 +409,8 @@ class LlamaServerEngine(EngineBase):
             result.time_to_first_token_s = float(timings["prompt_ms"]) / 1000
         if timings.get("predicted_per_second"):
             result.decode_tokens_per_s = float(timings["predicted_per_second"])
-        logprobs = parse_logprobs(answer, params.logprobs) if params.logprobs is not None else []
-        if stop_type == "eos":  # the end-of-generation token is not part of the answer
-            logprobs = logprobs[: predicted - 1] if predicted else logprobs
-        if answer.get("content") or logprobs:
-            yield Piece(answer.get("content", ""), tuple(logprobs))
+        if answer.get("content"):
+            yield Piece(answer["content"])
 
     # ----------------------------------------------------------------- embeddings
 
@@ -424,3 +422,17 @@ class LlamaServerEngine(EngineBase):
             param="input",
             code="unsupported",
         )
+
+
+def coalesced(pieces: Generator[Piece, None, None]) -> Iterator[Piece]:
+    """All of `pieces` as one, once they have all come (a buffered answer read as a stream)."""
+    texts: list[str] = []
+    logprobs: list[TokenLogprob] = []
+    try:
+        for piece in pieces:
+            texts.append(piece.text)
+            logprobs.extend(piece.logprobs)
+    finally:
+        pieces.close()
+    if texts:
+        yield Piece("".join(texts), tuple(logprobs))
