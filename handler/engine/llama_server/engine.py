@@ -19,7 +19,7 @@ import importlib
 import logging
 import threading
 import time
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, Any
 
 from handler import deadline as deadlines
@@ -32,11 +32,10 @@ from handler.engine.generation import (
     Piece,
     PulledGeneration,
     SamplingParams,
-    StopMatcher,
-    TokenLogprob,
 )
 from handler.engine.lifecycle import EngineState, EngineStatus
 from handler.engine.llama_server import early
+from handler.engine.llama_server.collector import Collector
 from handler.engine.llama_server.process import (
     AnswerBroken,
     LlamaServer,
@@ -45,11 +44,8 @@ from handler.engine.llama_server.process import (
     read_events,
     send_completion,
 )
-from handler.engine.llama_server.sampling import (
-    completion_body,
-    parse_logprobs,
-    samples_on_backend,
-)
+from handler.engine.llama_server.reading import StreamReading
+from handler.engine.llama_server.sampling import completion_body, samples_on_backend
 from handler.engine.prompts import WARMUP_PROMPT, render_chat
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
@@ -98,6 +94,7 @@ class LlamaServerEngine(EngineBase):
         # The read-ahead started here waits for the child to answer HTTP (its libraries read)
         # and for the entry point's imports (`app_built`): both read the storage the model is on.
         self._prefetch_gate = Gate(2, self._prefetch_when_both_arrived)
+        self._collector = Collector()
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -318,7 +315,8 @@ class LlamaServerEngine(EngineBase):
         - llama-server checks whether the client of a buffered /completion is still there only
           after a second in which no slot produced anything (one condition variable wakes every
           waiting request), so under any load a hung-up buffered request kept its slot to its
-          last token; a streamed one is dropped at its next token, when the write fails;
+          last token; a streamed one is dropped at its next token, when the write fails (the
+          collector's one thread reads them all: `collector.Collector`);
         - a buffered answer's logprobs give a token whose text a stop string held back the text
           '' and the next one both texts; streamed, each token has its own."""
         limit_ms = None
@@ -327,64 +325,39 @@ class LlamaServerEngine(EngineBase):
         body = completion_body(
             prompt, params, stream=not one_answer, time_limit_ms=limit_ms, on_backend=on_backend
         )
-        started = time.perf_counter()
+        reading = StreamReading(params, out.result)
         send_completion(conn, body)
         if one_answer:
             return self._read_answer(conn, params, deadline, out)
-        pieces = self._read_stream(conn, started, params, deadline, out)
-        return pieces if streaming else coalesced(pieces)
+        if streaming:
+            return self._read_stream(conn, reading, deadline, out)
+        return self._collect(conn, reading, deadline, out)
 
     @staticmethod
     def _read_stream(
-        conn: Connection,
-        started: float,
-        params: SamplingParams,
-        deadline: float | None,
-        out: Generation,
-    ) -> Generator[Piece, None, None]:
-        result = out.result
-        stops = StopMatcher(params.stop)
-        hit_stop = False
-        pending: list[TokenLogprob] = []  # logprobs of tokens whose text is not emitted yet
-        reported = 0  # logprobs emitted so far
-        first_at: float | None = None
+        conn: Connection, reading: StreamReading, deadline: float | None, out: Generation
+    ) -> Iterator[Piece]:
         try:
             for chunk in read_events(conn):
-                if first_at is None:
-                    first_at = time.perf_counter()
-                    result.time_to_first_token_s = first_at - started
-                predicted = int(chunk.get("tokens_predicted", result.completion_tokens + 1))
-                if chunk.get("stop"):
-                    # The last chunk counts the end-of-generation token; ours never does.
-                    eos = chunk.get("stop_type") == "eos"
-                    result.completion_tokens = predicted - 1 if eos else predicted
-                    result.finish_reason = "stop" if eos else "length"
-                    # The end-of-generation token came as a chunk of its own: not ours either.
-                    del pending[max(0, result.completion_tokens - reported) :]
-                    break
-                result.completion_tokens = predicted
-                if params.logprobs is not None:
-                    pending.extend(parse_logprobs(chunk, params.logprobs))
-                text, hit_stop = stops.feed(chunk.get("content", ""))
-                if text:
-                    yield Piece(text, tuple(pending))
-                    reported += len(pending)
-                    pending.clear()
-                if hit_stop:
-                    result.finish_reason = "stop"
-                    break
-                if out.should_stop(deadline):
+                if piece := reading.add(chunk):
+                    yield piece
+                if reading.done or out.should_stop(deadline):
                     break
         except TimeoutError:
             if deadline is None:  # the socket times out only at the deadline
                 raise
-            result.interrupted = True
+            out.result.interrupted = True
         finally:
             conn.close()  # mid-stream, this makes llama-server cancel the slot's task
-        tail = "" if hit_stop else stops.flush()
-        if tail or (pending and not hit_stop):
-            yield Piece(tail, tuple(pending))
-        result.set_decode_rate(first_at)
+        if tail := reading.end():
+            yield tail
+
+    def _collect(
+        self, conn: Connection, reading: StreamReading, deadline: float | None, out: Generation
+    ) -> Iterator[Piece]:
+        """A buffered answer streamed from the child, read by the collector's thread."""
+        if piece := self._collector.read(conn, reading, out, deadline):
+            yield piece
 
     def _read_answer(
         self, conn: Connection, params: SamplingParams, deadline: float | None, out: Generation
@@ -422,17 +395,3 @@ class LlamaServerEngine(EngineBase):
             param="input",
             code="unsupported",
         )
-
-
-def coalesced(pieces: Generator[Piece, None, None]) -> Iterator[Piece]:
-    """All of `pieces` as one, once they have all come (a buffered answer read as a stream)."""
-    texts: list[str] = []
-    logprobs: list[TokenLogprob] = []
-    try:
-        for piece in pieces:
-            texts.append(piece.text)
-            logprobs.extend(piece.logprobs)
-    finally:
-        pieces.close()
-    if texts:
-        yield Piece("".join(texts), tuple(logprobs))

@@ -24,8 +24,8 @@ class BrokenAnswer(ConnectionError):
 
 
 class Connection:
-    """One request and its answer. `sock` is None once closed (a watcher may shut it down from
-    another thread to wake a blocked read)."""
+    """One request and its answer. `sock` is None once closed (perhaps from another thread: a
+    generation cancelled or dropped while nobody reads it)."""
 
     def __init__(self, host: str, port: int, timeout_s: float | None) -> None:
         self.host = host
@@ -48,17 +48,9 @@ class Connection:
             if len(self._data) > MAX_HEAD_BYTES:
                 raise BrokenAnswer("llama-server's answer headers are too long")
             self._fill()
-        head = bytes(self._data[:end]).decode("latin-1").split("\r\n")
+        status, headers = parse_head(bytes(self._data[:end]))
         del self._data[: end + 4]
-        version, _, rest = head[0].partition(" ")
-        code = rest.partition(" ")[0]
-        if not version.startswith("HTTP/1.") or not code.isdigit():
-            raise BrokenAnswer(f"not an HTTP/1.x answer: {head[0][:80]!r}")
-        headers = {}
-        for line in head[1:]:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-        return Response(int(code), headers, self)
+        return Response(status, headers, self)
 
     def close(self) -> None:
         """Close the socket (mid-answer, llama-server drops the slot's task); idempotent."""
@@ -152,3 +144,97 @@ class Response:
             if conn._take(2) != b"\r\n":
                 raise BrokenAnswer("a chunk does not end with CRLF")
             yield chunk
+
+
+def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
+    """The status and headers (names in lower case) of an answer's head, without its CRLFCRLF."""
+    lines = head.decode("latin-1").split("\r\n")
+    version, _, rest = lines[0].partition(" ")
+    code = rest.partition(" ")[0]
+    if not version.startswith("HTTP/1.") or not code.isdigit():
+        raise BrokenAnswer(f"not an HTTP/1.x answer: {lines[0][:80]!r}")
+    headers = {}
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+    return int(code), headers
+
+
+class AnswerFeed:
+    """An answer parsed as its bytes arrive, for a socket no thread blocks on (`Collector`):
+    `feed` takes what came and returns the body's lines completed by it; `status` is set once
+    the head is in, `complete` once the body has ended."""
+
+    def __init__(self) -> None:
+        self.status: int | None = None
+        self.headers: dict[str, str] = {}
+        self.complete = False
+        self._data = bytearray()
+        self._mode = ""  # "chunked", "length" or "close", once the head is in
+        self._left = 0  # bytes of a Content-Length body still to come
+        self._partial = b""  # the start of a body line whose end has not come yet
+
+    def feed(self, data: bytes) -> list[bytes]:
+        """The body's lines (without their line ends) that `data` completes."""
+        self._data += data
+        if self.status is None and not self._read_head():
+            return []
+        body = bytearray()
+        if self._mode == "chunked":
+            while not self.complete and (end := self._data.find(b"\r\n")) >= 0:
+                try:
+                    size = int(bytes(self._data[:end]).partition(b";")[0].strip(), 16)
+                except ValueError:
+                    raise BrokenAnswer(f"bad chunk size {bytes(self._data[:40])!r}") from None
+                if size == 0:
+                    self.complete = True
+                    break
+                start, stop = end + 2, end + 2 + size
+                if len(self._data) < stop + 2:
+                    break  # the rest of this chunk has not come yet
+                if self._data[stop : stop + 2] != b"\r\n":
+                    raise BrokenAnswer("a chunk does not end with CRLF")
+                body += self._data[start:stop]
+                del self._data[: stop + 2]
+        elif self._mode == "length":
+            body += self._data[: self._left]
+            self._left -= len(body)
+            self.complete = self._left == 0
+        else:
+            body += self._data
+        if self._mode != "chunked" or self.complete:
+            self._data.clear()
+        return self._lines(bytes(body))
+
+    def end(self) -> list[bytes]:
+        """The connection has ended: the last line of a body that ends with it; BrokenAnswer
+        when the answer was not complete."""
+        if self._mode != "close":
+            raise BrokenAnswer("llama-server closed the connection mid-answer")
+        self.complete = True
+        return self._lines(b"")
+
+    def _read_head(self) -> bool:
+        end = self._data.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._data) > MAX_HEAD_BYTES:
+                raise BrokenAnswer("llama-server's answer headers are too long")
+            return False
+        self.status, self.headers = parse_head(bytes(self._data[:end]))
+        del self._data[: end + 4]
+        length = self.headers.get("content-length")
+        if "chunked" in self.headers.get("transfer-encoding", "").lower():
+            self._mode = "chunked"
+        elif length is not None:
+            self._mode, self._left = "length", int(length)
+            self.complete = self._left == 0
+        else:
+            self._mode = "close"
+        return True
+
+    def _lines(self, body: bytes) -> list[bytes]:
+        *lines, self._partial = (self._partial + body).split(b"\n")
+        if self.complete and self._partial:
+            lines.append(self._partial)
+            self._partial = b""
+        return [line.removesuffix(b"\r") for line in lines]
