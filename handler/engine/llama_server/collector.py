@@ -126,7 +126,11 @@ class Collector:
                         ended.append(key.data)
                 if now - swept >= POLL_S:  # cancels and deadlines, a few times a second
                     swept = now
-                    ended += [entry for entry in watched if entry.out.should_stop(entry.deadline)]
+                    ended += [
+                        entry
+                        for entry in watched
+                        if not entry.over and entry.out.should_stop(entry.deadline)
+                    ]
                 for entry in ended:
                     entry.over = True
                     watched.discard(entry)
@@ -203,7 +207,9 @@ class Collector:
     @staticmethod
     def _end(selector: selectors.BaseSelector, entry: Collecting) -> None:
         """Stop watching `entry`, close its connection (mid-answer, llama-server drops the
-        task), hand on the held-back tail and wake its reader."""
+        task), hand on the held-back tail and wake its reader; once."""
+        if entry.done.is_set():
+            return
         with contextlib.suppress(KeyError, ValueError):
             selector.unregister(entry.sock)
         entry.conn.close()

@@ -261,12 +261,12 @@ class LlamaServerEngine(EngineBase):
         with self._in_flight_lock:
             self._in_flight += 1
             on_backend = samples_on_backend(self.settings, self._in_flight)
-        # See `_send`: the same condition.
-        upstream_streams = streaming or cancel is not None or params.logprobs is not None
+        # One non-streamed answer only for a buffered request nobody can cancel (`_send`).
+        one_answer = not streaming and cancel is None and params.logprobs is None
         left = deadlines.seconds_left(deadline, floor_s=0.05)
-        # A streamed answer's socket times out at the deadline; a buffered one is ended by
+        # A streamed answer's socket times out at the deadline; one answer is ended by
         # llama-server's own time limit, so its socket waits a little longer.
-        conn = server.connect(left if upstream_streams or left is None else left + 1.0)
+        conn = server.connect(left + 1.0 if one_answer and left is not None else left)
 
         def release() -> None:
             conn.close()  # mid-answer, this makes llama-server drop the slot's task
@@ -285,7 +285,7 @@ class LlamaServerEngine(EngineBase):
                 deadline,
                 generation,
                 streaming=streaming,
-                one_answer=not streaming and cancel is None and params.logprobs is None,
+                one_answer=one_answer,
                 on_backend=on_backend,
             )
         except BaseException:
