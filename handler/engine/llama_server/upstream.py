@@ -32,7 +32,6 @@ class Connection:
         self.port = port
         self.timeout_s = timeout_s
         self.sock: socket.socket | None = None
-        self._data = bytearray()  # read from the socket, not handed out yet
 
     def request(self, method: str, path: str, body: bytes | None = None) -> None:
         """Connect and send the request (JSON body, if any)."""
@@ -44,13 +43,13 @@ class Connection:
 
     def response(self) -> Response:
         """The answer's status and headers; its body is read from the returned response."""
-        while (end := self._data.find(b"\r\n\r\n")) < 0:
-            if len(self._data) > MAX_HEAD_BYTES:
-                raise BrokenAnswer("llama-server's answer headers are too long")
-            self._fill()
-        status, headers = parse_head(bytes(self._data[:end]))
-        del self._data[: end + 4]
-        return Response(status, headers, self)
+        feed = AnswerFeed()
+        first = b""
+        while feed.status is None:
+            if not (data := self._recv()):
+                raise BrokenAnswer("llama-server closed the connection mid-answer")
+            first = feed.body(data)
+        return Response(feed, first, self)
 
     def close(self) -> None:
         """Close the socket (mid-answer, llama-server drops the slot's task); idempotent."""
@@ -58,92 +57,49 @@ class Connection:
         if sock is not None:
             sock.close()
 
-    def _fill(self) -> None:
-        """Read more from the socket; BrokenAnswer at its end."""
+    def _recv(self) -> bytes:
+        """What the socket has next; b"" at its end."""
         sock = self.sock
         if sock is None:
             raise BrokenAnswer("the connection is closed")
-        data = sock.recv(READ_BYTES)
-        if not data:
-            raise BrokenAnswer("llama-server closed the connection mid-answer")
-        self._data += data
-
-    def _read_to_end(self) -> bytes:
-        """Everything until the server closes the connection."""
-        while True:
-            try:
-                self._fill()
-            except BrokenAnswer:
-                break
-        data = bytes(self._data)
-        self._data.clear()
-        return data
-
-    def _take(self, size: int) -> bytes:
-        """Exactly `size` bytes."""
-        while len(self._data) < size:
-            self._fill()
-        data = bytes(self._data[:size])
-        del self._data[:size]
-        return data
-
-    def _take_line(self) -> bytes:
-        """One CRLF-ended line, without the CRLF."""
-        while (end := self._data.find(b"\r\n")) < 0:
-            self._fill()
-        line = bytes(self._data[:end])
-        del self._data[: end + 2]
-        return line
+        return sock.recv(READ_BYTES)
 
 
 class Response:
-    """A status, the headers (names in lower case) and a body read once, whole or by lines."""
+    """A status, the headers (names in lower case) and a body read once, whole or by lines,
+    through the answer's `AnswerFeed` (what came with the head first)."""
 
-    def __init__(self, status: int, headers: dict[str, str], conn: Connection) -> None:
-        self.status = status
-        self.headers = headers
+    def __init__(self, feed: AnswerFeed, first: bytes, conn: Connection) -> None:
+        assert feed.status is not None
+        self.status = feed.status
+        self.headers = feed.headers
+        self._feed = feed
+        self._first = first
         self._conn = conn
 
     @property
     def chunked(self) -> bool:
         """Whether the body comes in chunks (Transfer-Encoding: chunked)."""
-        return "chunked" in self.headers.get("transfer-encoding", "").lower()
+        return self._feed.chunked
 
     def read(self) -> bytes:
         """The whole body."""
-        if self.chunked:
-            return b"".join(self._chunks())
-        length = self.headers.get("content-length")
-        if length is not None:
-            return self._conn._take(int(length))
-        return self._conn._read_to_end()
+        feed = self._feed
+        parts = [self._first]
+        while not feed.complete:
+            if not (data := self._conn._recv()):
+                feed.end()  # BrokenAnswer unless the body ends with the connection
+                break
+            parts.append(feed.body(data))
+        return b"".join(parts)
 
     def lines(self) -> Iterator[bytes]:
         """The body's lines as they come, without their line ends."""
-        pending = b""
-        parts = self._chunks() if self.chunked else iter((self.read(),))
-        for part in parts:
-            pending += part
-            *complete, pending = pending.split(b"\n")
-            for line in complete:
-                yield line.removesuffix(b"\r")
-        if pending:
-            yield pending
-
-    def _chunks(self) -> Iterator[bytes]:
-        conn = self._conn
-        while True:
-            size_line = conn._take_line()
-            try:
-                size = int(size_line.partition(b";")[0].strip(), 16)
-            except ValueError:
-                raise BrokenAnswer(f"bad chunk size {size_line[:40]!r}") from None
-            if size == 0:
-                return  # trailers, if any, are not read: the connection closes after this
-            chunk = conn._take(size)
-            if conn._take(2) != b"\r\n":
-                raise BrokenAnswer("a chunk does not end with CRLF")
-            yield chunk
+        feed = self._feed
+        yield from feed.split(self._first)
+        while not feed.complete:
+            data = self._conn._recv()
+            yield from feed.feed(data) if data else feed.end()
 
 
 def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
@@ -161,9 +117,10 @@ def parse_head(head: bytes) -> tuple[int, dict[str, str]]:
 
 
 class AnswerFeed:
-    """An answer parsed as its bytes arrive, for a socket no thread blocks on (`Collector`):
-    `feed` takes what came and returns the body's lines completed by it; `status` is set once
-    the head is in, `complete` once the body has ended."""
+    """An answer parsed as its bytes arrive, for a socket read as it comes (`Response`) or that
+    no thread blocks on (`Collector`): `body` takes what came and returns the body's bytes in
+    it, chunks decoded; `split` cuts those into lines, `feed` does both. `status` is set once the
+    head is in, `complete` once the body has ended."""
 
     def __init__(self) -> None:
         self.status: int | None = None
@@ -174,11 +131,20 @@ class AnswerFeed:
         self._left = 0  # bytes of a Content-Length body still to come
         self._partial = b""  # the start of a body line whose end has not come yet
 
+    @property
+    def chunked(self) -> bool:
+        """Whether the body comes in chunks (Transfer-Encoding: chunked)."""
+        return self._mode == "chunked"
+
     def feed(self, data: bytes) -> list[bytes]:
         """The body's lines (without their line ends) that `data` completes."""
+        return self.split(self.body(data))
+
+    def body(self, data: bytes) -> bytes:
+        """The body's bytes in `data`, once the head is in (chunks decoded)."""
         self._data += data
         if self.status is None and not self._read_head():
-            return []
+            return b""
         body = bytearray()
         if self._mode == "chunked":
             while not self.complete and (end := self._data.find(b"\r\n")) >= 0:
@@ -204,7 +170,7 @@ class AnswerFeed:
             body += self._data
         if self._mode != "chunked" or self.complete:
             self._data.clear()
-        return self._lines(bytes(body))
+        return bytes(body)
 
     def end(self) -> list[bytes]:
         """The connection has ended: the last line of a body that ends with it; BrokenAnswer
@@ -212,7 +178,7 @@ class AnswerFeed:
         if self._mode != "close":
             raise BrokenAnswer("llama-server closed the connection mid-answer")
         self.complete = True
-        return self._lines(b"")
+        return self.split(b"")
 
     def _read_head(self) -> bool:
         end = self._data.find(b"\r\n\r\n")
@@ -232,7 +198,8 @@ class AnswerFeed:
             self._mode = "close"
         return True
 
-    def _lines(self, body: bytes) -> list[bytes]:
+    def split(self, body: bytes) -> list[bytes]:
+        """The lines `body` completes (the last one too, once the body is complete)."""
         *lines, self._partial = (self._partial + body).split(b"\n")
         if self.complete and self._partial:
             lines.append(self._partial)
