@@ -20,7 +20,7 @@ from handler.engine.llama_server.collector import Collector
 from handler.engine.llama_server.process import ServerError
 from handler.engine.llama_server.reading import StreamReading
 from handler.engine.llama_server.upstream import Connection
-from handler.errors import ModelNotReady
+from handler.errors import ContextLengthExceeded, ModelNotReady
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -183,3 +183,17 @@ def test_an_error_chunk_is_a_server_error():
         conn, reading, generation = start(server.port)
         with pytest.raises(ServerError, match="decode failed"):
             Collector().read(conn, reading, generation, None)
+
+
+def test_an_error_chunk_that_is_a_context_overflow_is_that_error():
+    error = {"code": 400, "message": "too long", "type": "exceed_context_size_error"}
+    answer = HEAD + event({"error": error}) + b"0\r\n\r\n"
+    collector = Collector(idle_s=60)
+    with streaming(tokens=0, answer=answer) as server:
+        conn, reading, generation = start(server.port)
+        with pytest.raises(ContextLengthExceeded, match="too long"):
+            collector.read(conn, reading, generation, None)
+    with streaming(tokens=3) as server:  # the thread is still there, and reads the next one
+        conn, reading, generation = start(server.port)
+        piece = collector.read(conn, reading, generation, None)
+        assert piece is not None and piece.text == "t0 t1 t2 "

@@ -12,7 +12,6 @@ connection, and llama-server drops the task at its next token.
 from __future__ import annotations
 
 import contextlib
-import json
 import selectors
 import socket
 import threading
@@ -21,9 +20,10 @@ from dataclasses import dataclass, field
 
 from handler import deadline as deadlines
 from handler.engine.generation import Generation, Piece, TokenLogprob
-from handler.engine.llama_server.process import ServerError, server_error
+from handler.engine.llama_server.process import ServerError, event_of, server_error
 from handler.engine.llama_server.reading import StreamReading
 from handler.engine.llama_server.upstream import READ_BYTES, AnswerFeed, Connection
+from handler.errors import APIError
 
 # How often a pass checks every answer's cancel and deadline when no bytes arrive.
 POLL_S = 0.1
@@ -122,8 +122,10 @@ class Collector:
                     if key.data is None:
                         with contextlib.suppress(OSError):
                             wakeup.recv(4096)
-                    elif self._read(key.data):
-                        ended.append(key.data)
+                    else:
+                        self._read(key.data)
+                        if key.data.over:
+                            ended.append(key.data)
                 if now - swept >= POLL_S:  # cancels and deadlines, a few times a second
                     swept = now
                     ended += [
@@ -160,14 +162,8 @@ class Collector:
             return None
 
     @staticmethod
-    def _read(entry: Collecting) -> bool:
-        """What arrived on `entry`'s socket, parsed; whether the answer is over (its end, or an
-        error)."""
-        Collector._parse(entry)
-        return entry.over
-
-    @staticmethod
-    def _parse(entry: Collecting) -> None:
+    def _read(entry: Collecting) -> None:
+        """What arrived on `entry`'s socket, parsed; `over` at the answer's end or an error."""
         if entry.over:
             return
         try:
@@ -188,18 +184,16 @@ class Collector:
                     entry.over = True
                 return
             for line in lines:
-                if not line.startswith(b"data: "):
+                if (chunk := event_of(line)) is None:
                     continue
-                chunk = json.loads(line[6:])
-                if "error" in chunk:
-                    entry.error = server_error(500, line[6:])
-                    entry.over = True
-                    return
                 entry.add(entry.reading.add(chunk))
                 if entry.reading.done:
                     entry.over = True
                     return
             entry.over = entry.feed.complete  # an answer that ended without its last chunk
+        except (ServerError, APIError) as exc:  # an error event, as `server_error` made it
+            entry.error = exc
+            entry.over = True
         except (ValueError, ConnectionError) as exc:
             entry.error = ServerError(f"llama-server /completion: {exc}")
             entry.over = True

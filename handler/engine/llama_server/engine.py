@@ -325,10 +325,11 @@ class LlamaServerEngine(EngineBase):
         body = completion_body(
             prompt, params, stream=not one_answer, time_limit_ms=limit_ms, on_backend=on_backend
         )
-        reading = StreamReading(params, out.result)
-        send_completion(conn, body)
         if one_answer:
+            send_completion(conn, body)
             return self._read_answer(conn, params, deadline, out)
+        reading = StreamReading(params, out.result)  # its clock starts before the send
+        send_completion(conn, body)
         if streaming:
             return self._read_stream(conn, reading, deadline, out)
         return self._collect(conn, reading, deadline, out)

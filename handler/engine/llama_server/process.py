@@ -213,11 +213,19 @@ def read_events(conn: Connection) -> Iterator[dict[str, Any]]:
     if response.status != 200:
         raise server_error(response.status, response.read())
     for line in response.lines():
-        if line.startswith(b"data: "):
-            chunk: dict[str, Any] = json.loads(line[6:])
-            if "error" in chunk:
-                raise server_error(500, line[6:])
+        if (chunk := event_of(line)) is not None:
             yield chunk
+
+
+def event_of(line: bytes) -> dict[str, Any] | None:
+    """The JSON object of one line of a streamed /completion answer (None for a line that is
+    not an event); an error event is raised as our error."""
+    if not line.startswith(b"data: "):
+        return None
+    chunk: dict[str, Any] = json.loads(line[6:])
+    if "error" in chunk:
+        raise server_error(500, line[6:])
+    return chunk
 
 
 def read_answer(conn: Connection) -> dict[str, Any]:
