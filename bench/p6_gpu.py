@@ -117,10 +117,10 @@ def gpu_memory_mib() -> float | None:
 
 
 def load_levels(
-    port: int, levels: list[int], args: argparse.Namespace, *, probe: bool
+    port: int, levels: list[int], args: argparse.Namespace, *, probes: tuple[str, ...]
 ) -> dict[str, Any]:
-    """Closed loops at each level, streamed and buffered; with `probe` (our servers, which have
-    /healthz and /readyz), the latency of those under the load."""
+    """Closed loops at each level, streamed and buffered, and the latency of the server's health
+    paths `probes` under the load (ours: /healthz and /readyz; llama-server: /health)."""
     body = p6_load.request_body(args.max_tokens)
     found: dict[str, Any] = {}
     for mode in args.modes:
@@ -131,7 +131,8 @@ def load_levels(
                 level,
                 warmup_s=args.warmup_s,
                 window_s=args.window_s,
-                probe_port=port if probe else None,
+                probe_port=port,
+                probe_paths=probes,
             )
             for level in levels
         }
@@ -169,7 +170,8 @@ def measure(
         row["prompt_tokens"] = prompts[0]["prompt_tokens"]
         row["prompt_tps"] = statistics.median(p["prompt_tokens"] / p["ttft_s"] for p in prompts)
         row["prompt_tps_server"] = server_prompt_rate(log.read_text(errors="replace"))
-        row["levels"] = load_levels(port, levels, args, probe=ready_path == "/readyz")
+        probes = p6_load.OUR_PROBES if ready_path == "/readyz" else (ready_path.strip("/"),)
+        row["levels"] = load_levels(port, levels, args, probes=probes)
         row["gpu_memory_mib"] = gpu_memory_mib()
     row["log"] = log.name
     print(json.dumps(row), flush=True)
@@ -370,7 +372,8 @@ def report(results: dict[str, Any]) -> str:
 def level_table(results: dict[str, Any]) -> list[str]:
     """One row per server, mode and level: aggregate tokens/s, TTFT and probe latencies."""
     head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
-    head += ["latency p50 s", "/healthz p50/p99 ms", "/readyz p50/p99 ms", "errors"]
+    head += ["latency p50 s", "/healthz (llama-server: /health) p50/p99 ms", "/readyz p50/p99 ms"]
+    head += ["errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in ("anchor", "anchor_bs", "slots", "runtime", "llama"):
         r = results.get(key)
@@ -379,7 +382,8 @@ def level_table(results: dict[str, Any]) -> list[str]:
                 ttft, lat = f.get("ttft_s") or {}, f.get("latency_s") or {}
                 cells = [r["name"], mode, level, f"{f['tokens_per_s']:.0f}"]
                 cells += [ms(ttft.get("p50")), ms(ttft.get("p99")), str(lat.get("p50", "-"))]
-                cells += [probe_cell(f.get("healthz_ms")), probe_cell(f.get("readyz_ms"))]
+                health = f.get("healthz_ms") or f.get("health_ms")
+                cells += [probe_cell(health), probe_cell(f.get("readyz_ms"))]
                 cells += [str(sum(f["errors"].values()))]
                 lines.append("| " + " | ".join(cells) + " |")
     return lines

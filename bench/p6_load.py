@@ -5,9 +5,10 @@ A level is N clients, each sending its next request as soon as its previous answ
 for a warm-up and then a measured window (not one burst: a burst ends with a tail where fewer
 and fewer requests run). The aggregate decode rate counts, of every request that overlaps the
 window, the share of its tokens that falls inside it (its tokens spread evenly over its time).
-Streamed requests give the time to first token. During the window of an HTTP target, /healthz
-and /readyz are probed every PROBE_INTERVAL_S from a process of their own (in this one they
-would wait for the GIL behind the load's clients, and measure that) and their latencies reported.
+Streamed requests give the time to first token. During the window of an HTTP target, its health
+paths (ours: /healthz and /readyz; llama-server alone: /health, the same probe's reference) are
+probed every PROBE_INTERVAL_S from a process of their own (in this one they would wait for the
+GIL behind the load's clients, and measure that) and their latencies reported.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from bench.runtime_api_server import RuntimeAPIServer
 
 # Ten probes a second, alternating /healthz and /readyz: about fifty of each per 10 s window.
 PROBE_INTERVAL_S = 0.1
+OUR_PROBES = ("healthz", "readyz")
 PROMPT = "Once upon a time"
 
 
@@ -59,8 +61,10 @@ def closed_loop(
     warmup_s: float,
     window_s: float,
     probe_port: int | None = None,
+    probe_paths: tuple[str, ...] = OUR_PROBES,
 ) -> dict[str, Any]:
-    """`clients` clients sending back to back through the warm-up and the window; the figures."""
+    """`clients` clients sending back to back through the warm-up and the window; the figures
+    (with `probe_port`, the latencies of `probe_paths` there under the load)."""
     samples: list[Sample] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -73,7 +77,7 @@ def closed_loop(
                 samples.append(sample)
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
-    prober = Prober(probe_port, window) if probe_port is not None else None
+    prober = Prober(probe_port, window, probe_paths) if probe_port is not None else None
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -127,11 +131,11 @@ def ms_percentiles(values_s: list[float]) -> dict[str, float] | None:
 class Prober:
     """`probe` in a process of its own (spawned: this one runs threads), started now."""
 
-    def __init__(self, port: int, window: tuple[float, float]) -> None:
+    def __init__(self, port: int, window: tuple[float, float], paths: tuple[str, ...]) -> None:
         context = multiprocessing.get_context("spawn")
         self._results: Any = context.Queue()
         self._process = context.Process(
-            target=probe_into, args=(port, window, self._results), daemon=True
+            target=probe_into, args=(port, window, paths, self._results), daemon=True
         )
         self._process.start()
 
@@ -146,21 +150,23 @@ class Prober:
                 self._process.kill()
 
 
-def probe_into(port: int, window: tuple[float, float], results: Any) -> None:
+def probe_into(
+    port: int, window: tuple[float, float], paths: tuple[str, ...], results: Any
+) -> None:
     """The prober process: probe through the window, put the latencies on `results`."""
-    out: dict[str, list[float]] = {"healthz": [], "readyz": []}
+    out: dict[str, list[float]] = {path: [] for path in paths}
     probe(port, window, out)
     results.put(out)
 
 
 def probe(port: int, window: tuple[float, float], out: dict[str, list[float]]) -> None:
-    """Time GET /healthz and /readyz, alternately, every PROBE_INTERVAL_S inside the window."""
+    """Time GET of each path of `out`, in turn, every PROBE_INTERVAL_S inside the window."""
     while time.perf_counter() < window[0]:
         time.sleep(PROBE_INTERVAL_S)
-    paths = ["healthz", "readyz"]
+    paths = list(out)
     i = 0
     while time.perf_counter() < window[1]:
-        path = paths[i % 2]
+        path = paths[i % len(paths)]
         i += 1
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         started = time.perf_counter()

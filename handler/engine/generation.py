@@ -8,6 +8,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -73,6 +74,10 @@ class GenerationResult:
 
 
 _END = object()
+
+# What a pushed generation's non-blocking reader gets when no piece has arrived yet (compared by
+# identity; `PushedGeneration.pieces_or_wait`), and every layer above hands on as its own marker.
+WAIT = Piece("")
 
 
 @dataclass
@@ -142,6 +147,16 @@ class Generation:
     def __iter__(self) -> Iterator[str]:
         for piece in self.pieces():
             yield piece.text
+
+    def pieces_or_wait(self) -> Iterator[Piece]:
+        """`pieces()`, or for a generation another thread pushes into and whose reader
+        `listen`s, the pieces that have arrived, then `WAIT` until the listener is called."""
+        return self.pieces()
+
+    def listen(self, notify: Callable[[], None]) -> bool:
+        """Have `notify` called (on the producer's thread) whenever a piece or the end arrives,
+        and `pieces_or_wait` not block; False if this generation cannot (the reader blocks)."""
+        return False
 
     def pieces(self) -> Iterator[Piece]:
         """The pieces with their logprobs, as the engine hands them over."""
@@ -237,6 +252,91 @@ class PulledGeneration(Generation):
 
     def __del__(self) -> None:
         self._release_if_idle()
+
+
+class PushedGeneration(Generation):
+    """A generation whose pieces another thread pushes in as they arrive (the llama-server
+    engine's collector, which reads every stream's socket on one thread).
+
+    Its reader either blocks in `pieces()` until the next piece, or `listen`s: then it is called
+    back after every piece and reads with `pieces_or_wait()`, which yields `WAIT` instead of
+    blocking. A stream served that way parks no thread at all between its tokens. `stop` asks
+    the producer to look at the generation now: it has been cancelled, or dropped (the producer
+    holds it weakly); the producer then ends it (`finish`) and frees its request.
+    """
+
+    def __init__(
+        self, prompt_tokens: int, cancel: threading.Event | None, stop: Callable[[], None]
+    ) -> None:
+        super().__init__(streaming=True)
+        if cancel is not None:
+            self._cancel = cancel
+        self.result.prompt_tokens = prompt_tokens
+        self._stop = stop
+        self._arrived: deque[Any] = deque()  # pieces, then an error or _END
+        self._ready = threading.Condition()
+        self._notify: Callable[[], None] | None = None
+        self._ended = False
+
+    def emit(self, text: str, logprobs: Sequence[TokenLogprob] = ()) -> None:
+        """On the producer's thread: one piece."""
+        self.push(Piece(text, tuple(logprobs)))
+
+    def push(self, piece: Piece) -> None:
+        """On the producer's thread: one piece, handed to the reader."""
+        self._arrive(piece)
+
+    def finish(self, error: BaseException | None = None) -> None:
+        """On the producer's thread: the end (with its error, if any); once."""
+        with self._ready:
+            if self._ended:
+                return
+            self._ended = True
+        if error is not None:
+            self._arrive(error)
+        self._arrive(_END)
+
+    def _arrive(self, item: Any) -> None:
+        with self._ready:
+            self._arrived.append(item)
+            self._ready.notify()
+            notify = self._notify
+        if notify is not None:
+            notify()
+
+    def listen(self, notify: Callable[[], None]) -> bool:
+        with self._ready:
+            self._notify = notify
+        return True
+
+    def pieces(self) -> Iterator[Piece]:
+        return self._read(block=True)
+
+    def pieces_or_wait(self) -> Iterator[Piece]:
+        return self._read(block=self._notify is None)
+
+    def _read(self, block: bool) -> Iterator[Piece]:
+        while True:
+            with self._ready:
+                while block and not self._arrived:
+                    self._ready.wait()
+                item = self._arrived.popleft() if self._arrived else WAIT
+            if item is _END:
+                self._arrived.appendleft(_END)  # a later read ends at once too
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def cancel(self) -> None:
+        """Stop at once: the producer ends the generation (and its request) as soon as it can."""
+        if not self._cancel.is_set():
+            super().cancel()
+            self._stop()
+
+    def __del__(self) -> None:
+        if not self._ended:  # dropped unfinished: the producer stops it at its next look
+            self._stop()
 
 
 class StopMatcher:

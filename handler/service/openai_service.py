@@ -8,7 +8,7 @@ input runs before the first streamed byte, so it becomes a 4xx.
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from threading import Event
 from typing import Any, TypeVar
@@ -16,11 +16,12 @@ from typing import Any, TypeVar
 from handler.config import Settings
 from handler.deadline import Deadline
 from handler.engine import Generation, InferenceEngine, SamplingParams
+from handler.engine.generation import WAIT as WAIT_PIECE
 from handler.engine.generation import TokenLogprob
 from handler.engine.prompts import completion_budget
 from handler.errors import APIError, InvalidRequest
 from handler.service.admission import Admission
-from handler.service.chunk_stream import ChunkStream
+from handler.service.chunk_stream import WAIT, ChunkStream
 from handler.service.objects import encode_embedding, model_card, new_id, now, usage
 from handler.service.response_cache import ResponseCache
 from handler.service.schemas import EmbeddingRequest, SamplingRequest
@@ -138,8 +139,12 @@ class OpenAIService:
             for generation in generations:
                 generation.cancel()
 
+        def listen(notify: Callable[[], None]) -> bool:
+            # All or none: the chunks read the generations one after the other.
+            return all([generation.listen(notify) for generation in generations])
+
         chunks = self._chunks(shape, req, constraints, params, generations)
-        return ChunkStream(chunks, ticket.release, cancel)
+        return ChunkStream(chunks, ticket.release, cancel, listen)
 
     def _generate(
         self,
@@ -196,7 +201,10 @@ class OpenAIService:
                 for opening in choice.opening():
                     yield chunk(index, opening)
                 held: list[TokenLogprob] = []  # logprobs of text the choice holds back
-                for piece in generation.pieces():
+                for piece in generation.pieces_or_wait():
+                    if piece is WAIT_PIECE:
+                        yield WAIT
+                        continue
                     held.extend(piece.logprobs)
                     for fields in choice.feed(piece.text):
                         logprobs = choice.logprobs(held) if want_logprobs and held else None

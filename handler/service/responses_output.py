@@ -11,7 +11,7 @@ import uuid
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from handler.service.chunk_stream import ChunkStream
+from handler.service.chunk_stream import WAIT, ChunkStream
 from handler.service.objects import now
 
 if TYPE_CHECKING:
@@ -168,7 +168,8 @@ class ResponseEvents(ChunkStream):
     Closing it closes the chat stream, which stops the generation and frees its slot."""
 
     def __init__(self, req: ResponsesRequest, model: str, chat: ChunkStream) -> None:
-        super().__init__(_EventWriter(req, model).events(chat), chat.close, chat.close)
+        writer = _EventWriter(req, model)
+        super().__init__(writer.events(chat), chat.close, chat.close, chat.listen)
 
 
 class _EventWriter:
@@ -194,6 +195,9 @@ class _EventWriter:
         yield self._lifecycle("response.created", "in_progress")
         yield self._lifecycle("response.in_progress", "in_progress")
         for chunk in chunks:
+            if chunk is WAIT:
+                yield WAIT
+                continue
             yield from self._chunk(chunk)
         if self.item is None and not self.output:
             yield from self._open_message()  # an empty answer is still one message

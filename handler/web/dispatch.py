@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import dataclasses
+import logging
 import threading
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -24,10 +25,12 @@ from handler.config import Settings
 from handler.service.admission import Ticket
 from handler.service.chunk_stream import ChunkStream
 from handler.service.openai_service import OpenAIService
-from handler.web.http import check_api_key, parse_body, scope_deadline, sse_lines
+from handler.web.http import WAIT_LINE, check_api_key, parse_body, scope_deadline, sse_lines
 from handler.web.routes import Call, Result, Route
 
 Receive = Callable[[], Awaitable[MutableMapping[str, Any]]]
+
+log = logging.getLogger("coldstart.api")
 
 # Threads beyond admission's capacity: a stream that just ended may still hold its thread for
 # a moment while the next admitted request starts.
@@ -98,17 +101,30 @@ class Dispatcher:
         return result
 
     async def sse(self, chunks: ChunkStream) -> AsyncIterator[str]:
-        """The server-sent events of a stream, produced on this dispatcher's pool (one thread
-        for the stream's life) and handed to the loop as they come; closes the stream at the
-        end, whatever ends it (the client hanging up included)."""
+        """The server-sent events of a stream, handed to the loop as they come; closes the
+        stream at the end, whatever ends it (the client hanging up included).
+
+        A stream that can be listened to (the llama-server engine's) is read on whichever
+        thread calls it back (`Driver`): the collector's, as each token arrives, so no thread
+        waits between its tokens. Any other is read by one thread of this dispatcher's pool
+        for the stream's life."""
         outbox = self._outbox(asyncio.get_running_loop())
         lines: asyncio.Queue[str | None] = asyncio.Queue()
-        self._pool.submit(contextvars.copy_context().run, _pump, chunks, outbox, lines)
+        context = contextvars.copy_context()
+        driver = Driver(chunks, outbox, lines, context)
+        listened = chunks.listen(driver.poke)
+        if listened:
+            self._pool.submit(driver.poke)  # its opening lines, up to its first token
+        else:
+            self._pool.submit(context.run, _pump, chunks, outbox, lines)
         try:
             while (line := await lines.get()) is not None:
                 yield line
         finally:
-            chunks.close()
+            if listened:
+                driver.close()
+            else:
+                chunks.close()
 
     def _outbox(self, loop: asyncio.AbstractEventLoop) -> Outbox:
         """The outbox of `loop` (one per loop: a Runtime API worker runs one of its own)."""
@@ -160,6 +176,75 @@ class Outbox:
             lines, self._lines = self._lines, []
         for queue, line in lines:
             queue.put_nowait(line)
+
+
+class Driver:
+    """Reads a listened-to stream's lines as far as they go, whenever it is called back, on the
+    calling thread, onto an outbox; at most one thread at a time reads it, and a call that
+    comes while it is read makes that thread read on. Closing stops it; the stream itself is
+    closed by whichever thread reads it last, never under another thread's read."""
+
+    def __init__(
+        self,
+        chunks: ChunkStream,
+        outbox: Outbox,
+        queue: asyncio.Queue[str | None],
+        context: contextvars.Context,
+    ) -> None:
+        self._chunks = chunks
+        self._lines = sse_lines(chunks)
+        self._outbox = outbox
+        self._queue = queue
+        self._context = context
+        self._lock = threading.Lock()
+        self._called = False  # called back since the last read began
+        self._reading = False
+        self._over = False  # the lines ended, or the reader is gone
+
+    def poke(self) -> None:
+        """There may be more to read: read it now, unless another thread is at it."""
+        with self._lock:
+            self._called = True
+            if self._reading or self._over:
+                return
+            self._reading = True
+        while (step := self._next_step()) == "read":
+            self._context.run(self._read_on)
+        if step == "close":
+            self._chunks.close()
+
+    def _next_step(self) -> str:
+        """After a call back or a read: "read" again, "rest" until called back, or "close"."""
+        with self._lock:
+            if self._over or not self._called:
+                self._reading = False
+                return "close" if self._over else "rest"
+            self._called = False
+            return "read"
+
+    def close(self) -> None:
+        """The reader is gone (or has every line): stop reading; close the stream now if no
+        thread reads it, else that thread closes it once its read returns."""
+        with self._lock:
+            self._over = True
+            reading = self._reading
+        if reading:
+            self._chunks.cancel()
+        else:
+            self._chunks.close()
+
+    def _read_on(self) -> None:
+        try:
+            for line in self._lines:
+                if line == WAIT_LINE:
+                    return
+                if not self._outbox.put(self._queue, line):
+                    break  # the loop is gone: nobody reads this stream any more
+        except Exception:  # sse_lines answers every error itself; this is a bug of ours
+            log.exception("stream reader failed")
+        with self._lock:
+            self._over = True
+        self._outbox.put(self._queue, None)
 
 
 def _pump(chunks: ChunkStream, outbox: Outbox, lines: asyncio.Queue[str | None]) -> None:

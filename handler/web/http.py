@@ -14,6 +14,7 @@ from pydantic import BaseModel, ValidationError
 from handler import deadline as deadlines
 from handler.config import Settings
 from handler.errors import APIError, AuthenticationFailed, InternalError, InvalidRequest
+from handler.service.chunk_stream import WAIT
 from handler.service.responses_output import ResponseEvents
 
 ModelT = TypeVar("ModelT", bound=BaseModel)
@@ -98,6 +99,11 @@ def render_json(content: Any) -> bytes:
         return json.dumps(content, ensure_ascii=True, **options).encode()
 
 
+# The line a listened-to stream gives when it has nothing new yet (`ChunkStream.listen`): a
+# reader that listens waits for its callback; no line is ever empty otherwise.
+WAIT_LINE = ""
+
+
 def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
     """Server-sent events: one `data:` line per chunk, an error object if one fails, then [DONE].
     A streamed response of the Responses API has its own framing (`named_events`)."""
@@ -106,6 +112,9 @@ def sse_lines(chunks: Iterator[dict[str, Any]]) -> Iterator[str]:
         return
     try:
         for chunk in chunks:
+            if chunk is WAIT:
+                yield WAIT_LINE
+                continue
             yield f"data: {json.dumps(chunk, separators=(',', ':'))}\n\n"
     except APIError as exc:
         yield f"data: {json.dumps(exc.body())}\n\n"
@@ -121,6 +130,9 @@ def named_events(events: Iterator[dict[str, Any]]) -> Iterator[str]:
     sequence = 0
     try:
         for event in events:
+            if event is WAIT:
+                yield WAIT_LINE
+                continue
             sequence = event["sequence_number"] + 1
             yield f"event: {event['type']}\ndata: {json.dumps(event, separators=(',', ':'))}\n\n"
     except APIError as exc:

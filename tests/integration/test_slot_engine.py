@@ -159,18 +159,19 @@ def test_a_second_request_runs_while_the_first_is_generating(slots):
 
 def test_requests_go_out_at_once_and_count_until_read_cancelled_or_dropped(slots):
     """No thread of ours per request: the request is sent when the generation is made (the
-    child works on both before either is read), its answer is read by the iterating thread, and
-    it stays in flight until read, cancelled or dropped, which frees the child's slot too."""
+    child works on both before either is read), its answer is read by the collector's one
+    thread, and it stays in flight until it ends, is cancelled or dropped, which frees the
+    child's slot too."""
     prompt = slots.tokenize("1, 2, 3,")
     params = SamplingParams(max_tokens=400, temperature=0.0)
     threads = threading.active_count()
     first, second = slots.generate(prompt, params), slots.generate(prompt, params)
-    assert threading.active_count() <= threads  # none started for them
+    assert threading.active_count() <= threads + 1  # the collector's, at most
     assert slots._in_flight == 2
     poll(lambda: busy_slots(slots) == 2, 30)
-    first.cancel()  # unread: dropped at once
-    assert slots._in_flight == 1
-    assert first.text() == "" and first.result.interrupted
+    first.cancel()  # unread: dropped at the collector's next pass
+    poll(lambda: slots._in_flight == 1, 5)
+    assert first.result.interrupted
     assert next(iter(second))
     second.cancel()
     second.text()
@@ -178,9 +179,9 @@ def test_requests_go_out_at_once_and_count_until_read_cancelled_or_dropped(slots
     dropped = slots.generate(prompt, SamplingParams(max_tokens=2000, temperature=0.0))
     poll(lambda: busy_slots(slots) == 1, 30)
     assert slots._in_flight == 1
-    del dropped
+    del dropped  # nobody holds it but the collector, weakly
     gc.collect()
-    assert slots._in_flight == 0
+    poll(lambda: slots._in_flight == 0, 5)
     poll(lambda: busy_slots(slots) == 0, 30)
     assert most_decoded(slots) < 2000  # stopped, not finished
 

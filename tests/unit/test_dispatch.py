@@ -14,9 +14,11 @@ import threading
 import pytest
 
 from handler.config import load_settings
+from handler.engine.generation import WAIT as WAIT_PIECE
+from handler.engine.generation import Piece, PushedGeneration
 from handler.errors import InvalidRequest, Overloaded
 from handler.service.admission import Admission
-from handler.service.chunk_stream import ChunkStream
+from handler.service.chunk_stream import WAIT, ChunkStream
 from handler.service.openai_service import OpenAIService
 from handler.web.dispatch import Dispatcher, Outbox
 from handler.web.routes import Call, Route
@@ -229,3 +231,81 @@ def test_a_loop_that_is_dropped_takes_its_outbox_with_it():
     assert len(dispatch._outboxes) == 0
     queue: asyncio.Queue[str | None] = asyncio.Queue()
     assert not outbox.put(queue, "line")
+
+
+def listened_stream(generation: PushedGeneration, release, producers: list[str]) -> ChunkStream:
+    """A stream whose chunks are read from a pushed generation, as the service makes them."""
+
+    def chunks():
+        yield {"opening": True}
+        for piece in generation.pieces_or_wait():
+            if piece is WAIT_PIECE:
+                yield WAIT
+                continue
+            producers.append(threading.current_thread().name)
+            yield {"text": piece.text}
+
+    return ChunkStream(chunks(), release, generation.cancel, generation.listen)
+
+
+def test_a_listened_stream_is_read_on_the_producers_thread_and_parks_no_thread():
+    """Each token's line is made on the thread that pushed it (the collector's), in order, none
+    lost or doubled when pushes race the reads; no pool thread waits between tokens."""
+    front = dispatcher()
+    admission = front.service.admission
+    generation = PushedGeneration(1, None, lambda: None)
+    producers: list[str] = []
+    count = 300
+
+    def handle(service, call):
+        return listened_stream(generation, service.admission.claim().release, producers)
+
+    def produce() -> None:
+        for n in range(count):
+            generation.push(Piece(str(n)))
+        generation.finish()
+
+    async def scenario():
+        stream = await front.run(generating(handle), Call(), None)
+        lines = front.sse(stream)
+        assert await anext(lines) == 'data: {"opening":true}\n\n'
+        await until(lambda: front._pool._work_queue.empty() and idle_pool(front))
+        producer = threading.Thread(target=produce, name="producer")
+        producer.start()
+        rest = [line async for line in lines]
+        producer.join()
+        return rest
+
+    rest = asyncio.run(scenario())
+    assert rest == [f'data: {{"text":"{n}"}}\n\n' for n in range(count)] + ["data: [DONE]\n\n"]
+    assert set(producers) == {"producer"}
+    assert admission.in_flight == 0
+
+
+def idle_pool(front: Dispatcher) -> bool:
+    """No thread of the dispatcher's pool is running anything."""
+    return front._pool._idle_semaphore._value == len(front._pool._threads)
+
+
+def test_a_listened_stream_the_client_leaves_is_cancelled_closed_and_released():
+    front = dispatcher()
+    admission = front.service.admission
+    looks: list[int] = []
+    generation = PushedGeneration(1, None, lambda: looks.append(1))
+
+    def handle(service, call):
+        return listened_stream(generation, service.admission.claim().release, [])
+
+    async def scenario():
+        stream = await front.run(generating(handle), Call(), None)
+        lines = front.sse(stream)
+        await anext(lines)
+        generation.push(Piece("a"))
+        assert await anext(lines) == 'data: {"text":"a"}\n\n'
+        await lines.aclose()  # the client hung up
+
+    asyncio.run(scenario())
+    assert generation.cancelled and looks == [1]  # the producer was asked to stop it
+    assert admission.in_flight == 0
+    generation.push(Piece("late"))  # the producer's next arrival reads nothing more
+    generation.finish()

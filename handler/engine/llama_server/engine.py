@@ -31,6 +31,7 @@ from handler.engine.generation import (
     Generation,
     Piece,
     PulledGeneration,
+    PushedGeneration,
     SamplingParams,
 )
 from handler.engine.lifecycle import EngineState, EngineStatus
@@ -41,7 +42,6 @@ from handler.engine.llama_server.process import (
     LlamaServer,
     ServerError,
     read_answer,
-    read_events,
     send_completion,
 )
 from handler.engine.llama_server.reading import StreamReading
@@ -253,8 +253,9 @@ class LlamaServerEngine(EngineBase):
         streaming: bool = True,
         cancel: threading.Event | None = None,
     ) -> Generation:
-        """Send the request to the child now (a free slot starts on it at once); its answer is
-        read by the thread that iterates the result, with no thread of ours in between."""
+        """Send the request to the child now (a free slot starts on it at once). A stream's
+        answer is read by the collector's one thread and pushed into the generation; a buffered
+        one is read when the result is iterated, on that thread (through the collector)."""
         self.lifecycle.require_usable()
         server = self._require_server()
         self.lifecycle.warmed()  # the first real request warms the model
@@ -264,15 +265,31 @@ class LlamaServerEngine(EngineBase):
         # One non-streamed answer only for a buffered request nobody can cancel (`_send`).
         one_answer = not streaming and cancel is None and params.logprobs is None
         left = deadlines.seconds_left(deadline, floor_s=0.05)
-        # A streamed answer's socket times out at the deadline; one answer is ended by
-        # llama-server's own time limit, so its socket waits a little longer.
+        # A blocking read times out at the deadline; one answer is ended by llama-server's own
+        # time limit, so its socket waits a little longer. (The collector's sockets do not
+        # block: it checks the deadline itself.)
         conn = server.connect(left + 1.0 if one_answer and left is not None else left)
 
-        def release() -> None:
+        def release() -> None:  # once: the pulled generation and the collector see to it
             conn.close()  # mid-answer, this makes llama-server drop the slot's task
             with self._in_flight_lock:
                 self._in_flight -= 1
 
+        if streaming:
+            pushed = PushedGeneration(len(prompt), cancel, self._collector.sweep_soon)
+            if not pushed.begin(params.max_tokens, deadline):
+                release()
+                pushed.finish()
+                return pushed
+            try:
+                self._stream(
+                    conn, prompt, params, deadline, pushed, release=release, on_backend=on_backend
+                )
+            except BaseException:
+                release()
+                pushed.finish()
+                raise
+            return pushed
         generation = PulledGeneration(len(prompt), cancel, release)
         if not generation.begin(params.max_tokens, deadline):
             generation.end_unread()
@@ -284,7 +301,6 @@ class LlamaServerEngine(EngineBase):
                 params,
                 deadline,
                 generation,
-                streaming=streaming,
                 one_answer=one_answer,
                 on_backend=on_backend,
             )
@@ -294,6 +310,24 @@ class LlamaServerEngine(EngineBase):
         generation.read_from(source)
         return generation
 
+    def _stream(
+        self,
+        conn: Connection,
+        prompt: list[int],
+        params: SamplingParams,
+        deadline: float | None,
+        out: PushedGeneration,
+        *,
+        release: Callable[[], None],
+        on_backend: bool,
+    ) -> None:
+        """Send a streamed /completion now; the collector pushes its pieces into `out`, and
+        calls `release` once it has closed the connection."""
+        body = completion_body(prompt, params, stream=True, on_backend=on_backend)
+        reading = StreamReading(params, out.result)  # its clock starts before the send
+        send_completion(conn, body)
+        self._collector.stream(conn, reading, out, deadline, release)
+
     def _send(
         self,
         conn: Connection,
@@ -302,11 +336,10 @@ class LlamaServerEngine(EngineBase):
         deadline: float | None,
         out: Generation,
         *,
-        streaming: bool,
         one_answer: bool,
         on_backend: bool,
     ) -> Iterator[Piece]:
-        """Send the /completion now; the generator of its pieces, read later.
+        """Send a buffered request's /completion now; the generator of its pieces, read later.
 
         With `one_answer` (a buffered request nobody can cancel, without logprobs: a Lambda
         invoke) it is one non-streamed /completion: llama-server applies the stop strings and
@@ -330,28 +363,7 @@ class LlamaServerEngine(EngineBase):
             return self._read_answer(conn, params, deadline, out)
         reading = StreamReading(params, out.result)  # its clock starts before the send
         send_completion(conn, body)
-        if streaming:
-            return self._read_stream(conn, reading, deadline, out)
         return self._collect(conn, reading, deadline, out)
-
-    @staticmethod
-    def _read_stream(
-        conn: Connection, reading: StreamReading, deadline: float | None, out: Generation
-    ) -> Iterator[Piece]:
-        try:
-            for chunk in read_events(conn):
-                if piece := reading.add(chunk):
-                    yield piece
-                if reading.done or out.should_stop(deadline):
-                    break
-        except TimeoutError:
-            if deadline is None:  # the socket times out only at the deadline
-                raise
-            out.result.interrupted = True
-        finally:
-            conn.close()  # mid-stream, this makes llama-server cancel the slot's task
-        if tail := reading.end():
-            yield tail
 
     def _collect(
         self, conn: Connection, reading: StreamReading, deadline: float | None, out: Generation
