@@ -15,7 +15,8 @@ from typing import Any
 
 import pytest
 
-from handler.engine.generation import Generation, SamplingParams
+from handler.engine.generation import Generation, PushedGeneration, SamplingParams
+from handler.engine.llama_server import collector as collector_module
 from handler.engine.llama_server.collector import Collector
 from handler.engine.llama_server.process import ServerError
 from handler.engine.llama_server.reading import StreamReading
@@ -197,3 +198,52 @@ def test_an_error_chunk_that_is_a_context_overflow_is_that_error():
         conn, reading, generation = start(server.port)
         piece = collector.read(conn, reading, generation, None)
         assert piece is not None and piece.text == "t0 t1 t2 "
+
+
+def pushed(
+    port: int, collector: Collector
+) -> tuple[Connection, StreamReading, PushedGeneration, list[int]]:
+    """A streamed request to `port` whose generation `collector` pushes into: (conn, reading,
+    generation, the times it was released)."""
+    conn = Connection("127.0.0.1", port, 30)
+    conn.request("POST", "/completion", b"{}")
+    generation = PushedGeneration(3, None, collector.sweep_soon)
+    reading = StreamReading(SamplingParams(max_tokens=1000), generation.result)
+    return conn, reading, generation, []
+
+
+def test_a_streams_pieces_are_pushed_as_they_come_then_it_ends_and_is_released_once():
+    collector = Collector(idle_s=0.2)
+    with streaming(tokens=20, gap_s=0.005) as server:
+        conn, reading, generation, releases = pushed(server.port, collector)
+        collector.stream(conn, reading, generation, None, lambda: releases.append(1))
+        texts = [piece.text for piece in generation.pieces()]  # blocks for each piece
+    assert texts == [f"t{i} " for i in range(20)]  # one piece per token, not one at the end
+    assert generation.result.completion_tokens == 20 and not generation.result.interrupted
+    assert releases == [1] and conn.sock is None
+
+
+def test_a_cancelled_stream_is_stopped_at_once_not_at_the_next_timed_sweep(monkeypatch):
+    monkeypatch.setattr(collector_module, "POLL_S", 60.0)  # no timed sweep in this test
+    collector = Collector()
+    with streaming(tokens=10_000, gap_s=0.01) as server:
+        conn, reading, generation, releases = pushed(server.port, collector)
+        collector.stream(conn, reading, generation, None, lambda: releases.append(1))
+        first = next(generation.pieces())
+        assert first.text == "t0 "
+        generation.cancel()
+        rest = list(generation.pieces())  # ends: the collector closed the connection
+        assert generation.result.interrupted and releases == [1]
+        wait_for(lambda: len(server.written) == 1)
+    assert len(rest) < 100 and server.written[0] < 200
+
+
+def test_a_stream_nobody_holds_any_more_is_stopped_and_released():
+    collector = Collector()
+    with streaming(tokens=10_000, gap_s=0.01) as server:
+        conn, reading, generation, releases = pushed(server.port, collector)
+        collector.stream(conn, reading, generation, None, lambda: releases.append(1))
+        del generation, reading  # the collector holds the generation weakly
+        wait_for(lambda: releases == [1])
+        wait_for(lambda: len(server.written) == 1)
+    assert server.written[0] < 200
