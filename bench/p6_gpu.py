@@ -2,10 +2,10 @@
 
 - llama-bench: prompt (pp512) and decode (tg128) tokens/s, the ceiling for one stream.
 - Three servers, each started with the model's pages evicted from the page cache:
-  llama.cpp's `llama-server` (the anchor, with exactly the command line our slot engine runs),
-  ours with INFERENCE_ENGINE=llama-server (that server behind our adapter), and ours with
-  INFERENCE_ENGINE=llama (llama.cpp in our process, one generation at a time).
-  For each: load time (spawn to ready), time to first token on the first request (cold) and
+  llama.cpp's `llama-server` (the anchor, with exactly the command line and log threshold our
+  slot engine gives its child), ours with INFERENCE_ENGINE=llama-server (that server behind our
+  adapter), and ours with INFERENCE_ENGINE=llama (llama.cpp in our process, one generation at a
+  time). For each: load time (spawn to ready), time to first token on the first request (cold) and
   after it (warm), one stream's decode and prompt tokens/s, then steady closed loops per
   concurrency level, streamed and buffered (bench/p6_load.py): aggregate decode tokens/s, TTFT,
   latency, and the latency of /healthz and /readyz under that load.
@@ -39,7 +39,7 @@ from bench import p6_load
 from bench.common import ROOT, evict_from_page_cache, free_port, http_ok, poll, serve_command, spawn
 from bench.runtime_api_server import RuntimeAPIServer
 from handler.config import available_cpus, load_settings
-from handler.engine.llama_server.process import server_command
+from handler.engine.llama_server.process import child_environment, server_command
 
 PROMPT_TEXT = "The quick brown fox jumps over the lazy dog near the river bank. " * 40
 SHORT_PROMPT = "Once upon a time"
@@ -304,8 +304,9 @@ def main() -> None:
         settings = load_settings(anchor_env)
         cmd = server_command(settings, str(args.model), port)
         results["anchor"] = measure(
-            "llama-server", cmd, env, port, ready_path="/health", levels=args.levels, args=args
-        )
+            "llama-server", cmd, child_environment(settings, env), port, ready_path="/health",
+            levels=args.levels, args=args,
+        )  # fmt: skip
         save()
     if "anchor-bs" in args.only:
         # llama-server alone with backend sampling for every request (`--backend-sampling`),
@@ -314,7 +315,8 @@ def main() -> None:
         settings = load_settings(anchor_env)
         cmd = [*server_command(settings, str(args.model), port), "--backend-sampling"]
         results["anchor_bs"] = measure(
-            "llama-server --backend-sampling", cmd, env, port, ready_path="/health",
+            "llama-server --backend-sampling", cmd, child_environment(settings, env), port,
+            ready_path="/health",
             levels=args.levels, args=args,
         )  # fmt: skip
         save()

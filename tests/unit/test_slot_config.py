@@ -10,7 +10,7 @@ from handler.config import ConfigError, available_cpus, load_settings
 from handler.engine import create_engine
 from handler.engine.in_process.engine import InProcessEngine
 from handler.engine.llama_server.engine import LlamaServerEngine
-from handler.engine.llama_server.process import server_command
+from handler.engine.llama_server.process import child_environment, server_command
 
 
 def test_defaults_keep_the_in_process_engine():
@@ -112,3 +112,18 @@ def test_command_warms_up_only_with_warmup_init_and_appends_extra_flags():
     assert "--no-warmup" not in command
     assert _flag(command, "--n-gpu-layers") == "12"
     assert command[-4:] == ["--flash-attn", "on", "--cache-type-k", "q8_0"]
+
+
+@pytest.mark.parametrize(
+    ("env", "ours", "verbosity"),
+    [
+        ({}, {}, "2"),  # warnings and errors: no dozen info lines per request to read
+        ({"LOG_LEVEL": "debug"}, {}, None),  # the child's own default: we pass its lines on
+        ({"AWS_LAMBDA_LOG_LEVEL": "DEBUG"}, {}, None),
+        ({}, {"LLAMA_ARG_LOG_VERBOSITY": "4"}, "4"),  # set by whoever runs us: kept
+    ],
+)
+def test_the_child_logs_warnings_and_errors_unless_told_otherwise(env, ours, verbosity):
+    child = child_environment(load_settings(env), {"PATH": "/bin", **ours})
+    assert child.get("LLAMA_ARG_LOG_VERBOSITY") == verbosity
+    assert child["PATH"] == "/bin"  # the rest of our environment goes along

@@ -10,13 +10,14 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shlex
 import shutil
 import socket
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 from handler.config import Settings
@@ -31,6 +32,12 @@ HOST = "127.0.0.1"
 HEALTH_POLL_S = 0.01
 CALL_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
+# The child's log threshold (llama.cpp's own LLAMA_ARG_LOG_VERBOSITY) unless the environment
+# sets one or LOG_LEVEL is debug: warnings and errors. At llama.cpp's default (3, info) the child
+# writes about a dozen lines per request (the slot taken, its timings, the slot released, every
+# HTTP request, /tokenize's included), and each is read, decoded and kept by our log thread,
+# which then contends for the GIL with the event loop; we show them only at debug level anyway.
+CHILD_LOG_VERBOSITY = "2"
 
 
 class ServerError(RuntimeError):
@@ -92,7 +99,11 @@ class LlamaServer:
         command[0] = binary
         log.info("starting %s", shlex.join(command))
         self._process = subprocess.Popen(
-            command, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=child_environment(self.settings),
         )
         threading.Thread(target=self._pump_log, name="coldstart-llama-log", daemon=True).start()
 
@@ -196,6 +207,16 @@ class LlamaServer:
             if line:
                 self._log_tail.append(line)
                 log.debug("llama-server: %s", line)
+
+
+def child_environment(
+    settings: Settings, environ: Mapping[str, str] = os.environ
+) -> dict[str, str]:
+    """The child's environment: ours, with its log threshold (`CHILD_LOG_VERBOSITY`)."""
+    env = dict(environ)
+    if settings.logging_level != "DEBUG":
+        env.setdefault("LLAMA_ARG_LOG_VERBOSITY", CHILD_LOG_VERBOSITY)
+    return env
 
 
 def send_completion(conn: Connection, body: dict[str, Any]) -> None:
