@@ -178,6 +178,12 @@ class Settings:
     backend_sampling: Literal["auto", "on", "off"] = setting(
         "auto", description="auto: with GPU layers, while 32 or more generations are in flight"
     )
+    # A buffered request whose client can hang up (`serve`): `cancel` streams it from the child,
+    # which drops the task at its next token once the client is gone; `finish` asks for one
+    # answer (llama-server notices no hang-up under load, but skips its per-token hand-over).
+    buffered_hangup: Literal["cancel", "finish"] = setting(
+        "cancel", description="finish: one answer from llama-server; a hung-up request runs on"
+    )
 
     # API
     api_key: Secret | None = None

@@ -142,7 +142,8 @@ def busy_slots(engine: LlamaServerEngine) -> int:
 def most_decoded(engine: LlamaServerEngine) -> int:
     """The most tokens any of the child's slots decoded for its latest task (/slots)."""
     slots: Any = engine._require_server().call("GET", "/slots")
-    return max(int(slot["next_token"][0]["n_decoded"]) for slot in slots)
+    decoded = [slot["next_token"][0]["n_decoded"] for slot in slots if slot.get("next_token")]
+    return max(map(int, decoded), default=0)  # a slot that never had a task has no next_token
 
 
 def test_a_second_request_runs_while_the_first_is_generating(slots):
@@ -208,6 +209,28 @@ def test_a_buffered_request_cancelled_while_it_is_read_frees_its_slot(slots):
     assert slots._in_flight == 0
     poll(lambda: busy_slots(slots) == 0, 30)
     assert most_decoded(slots) < 2000  # stopped, not finished
+
+
+def test_with_buffered_hangup_finish_a_buffered_request_is_one_answer_that_runs_on():
+    """BUFFERED_HANGUP=finish: one answer from the child, which skips the per-token hand-over;
+    the client's hang-up is not acted on, and the request runs to its last token, as it does
+    with llama-server alone under load."""
+    engine = started(slot_settings(BUFFERED_HANGUP="finish"))
+    try:
+        cancel = threading.Event()
+        generation = engine.generate(
+            engine.tokenize("1, 2, 3,"),
+            SamplingParams(max_tokens=300, temperature=0.0),
+            streaming=False,
+            cancel=cancel,
+        )
+        poll(lambda: busy_slots(engine) == 1, 30)
+        cancel.set()
+        text = generation.text()
+        assert generation.result.completion_tokens == 300 and not generation.result.interrupted
+        assert text.startswith(" 4, 5")
+    finally:
+        engine.close()
 
 
 @pytest.mark.parametrize("stop", [(" 9",), ()])

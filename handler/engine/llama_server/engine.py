@@ -262,8 +262,10 @@ class LlamaServerEngine(EngineBase):
         with self._in_flight_lock:
             self._in_flight += 1
             on_backend = samples_on_backend(self.settings, self._in_flight)
-        # One non-streamed answer only for a buffered request nobody can cancel (`_send`).
-        one_answer = not streaming and cancel is None and params.logprobs is None
+        # One non-streamed answer for a buffered request nobody can cancel, or whose hang-up
+        # may run on (BUFFERED_HANGUP=finish); never with logprobs (`_send`).
+        cancellable = cancel is not None and self.settings.buffered_hangup == "cancel"
+        one_answer = not streaming and not cancellable and params.logprobs is None
         left = deadlines.seconds_left(deadline, floor_s=0.05)
         # A blocking read times out at the deadline; one answer is ended by llama-server's own
         # time limit, so its socket waits a little longer. (The collector's sockets do not
@@ -342,7 +344,8 @@ class LlamaServerEngine(EngineBase):
         """Send a buffered request's /completion now; the generator of its pieces, read later.
 
         With `one_answer` (a buffered request nobody can cancel, without logprobs: a Lambda
-        invoke) it is one non-streamed /completion: llama-server applies the stop strings and
+        invoke; or any buffered one with BUFFERED_HANGUP=finish) it is one non-streamed
+        /completion: llama-server applies the stop strings and
         the time limit, and this process parses one JSON answer instead of one per token. Any
         other buffered request is streamed from the child and handed on as one piece:
         - llama-server checks whether the client of a buffered /completion is still there only
