@@ -335,7 +335,9 @@ class PushedGeneration(Generation):
             self._stop()
 
     def __del__(self) -> None:
-        if not self._ended:  # dropped unfinished: the producer stops it at its next look
+        # Dropped unfinished: the producer stops it at its next look. (getattr: a generation
+        # whose __init__ failed has no state.)
+        if not getattr(self, "_ended", True):
             self._stop()
 
 

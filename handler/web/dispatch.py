@@ -6,7 +6,9 @@ once past MAX_CONCURRENCY + MAX_QUEUE), before any thread is spent on it. Only t
 this dispatcher's own thread pool, sized to admission's capacity, so every admitted request runs
 at once, the engine sees the whole queue, and the routes that must answer at once (health,
 readiness, metrics, models) run inline on the loop and never wait behind generations. A streamed
-answer's chunks are produced on the same pool (`sse`), not on anyio's shared 40-thread limiter.
+answer's lines are made on the thread that calls it back (`Driver`: the llama-server engine's
+collector, as each token arrives) or, for a stream that cannot be listened to, on this pool
+(`sse`), never on anyio's shared 40-thread limiter.
 """
 
 from __future__ import annotations

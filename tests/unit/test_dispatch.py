@@ -2,8 +2,10 @@
 arrive THEN each is admitted on the event loop as it arrives: past capacity the answer is a 429
 with Retry-After at once and its handler never runs; the service claims the ticket its front door
 took instead of a second one; the ticket is released when a buffered answer is done, when the
-handler fails, or when a stream ends; a stream's lines are produced on the dispatcher's own pool.
-Without a front door (direct invokes, the Runtime API loop) the service admits by itself."""
+handler fails, or when a stream ends; a stream's lines are produced on the dispatcher's own pool,
+or, when the stream can be listened to, on the thread that pushes its tokens (none waits between
+them), and a client that leaves stops it. Without a front door (direct invokes, the Runtime API
+loop) the service admits by itself."""
 
 from __future__ import annotations
 

@@ -32,6 +32,15 @@ HOST = "127.0.0.1"
 HEALTH_POLL_S = 0.01
 CALL_TIMEOUT_S = 30.0
 STOP_GRACE_S = 5.0
+# Short calls (/tokenize, one per request; /props, the warm-up) reuse a kept-alive connection:
+# a new one per call (its connect and close, the child's accept) was the largest part of our
+# CPU time per request (bench/RESULTS.md, "Kept-alive short calls"). llama-server keeps an idle
+# connection for 5 s and serves up to 100 requests on one; ours are dropped after KEEP_IDLE_S
+# idle, and a call whose kept connection the child closed meanwhile is sent again on a new one
+# (every short call is idempotent). At most KEEP_MAX are kept (an idle one holds an HTTP thread
+# of the child's, which starts more when it runs short).
+KEEP_IDLE_S = 4.0
+KEEP_MAX = 16
 # The child's log threshold (llama.cpp's own LLAMA_ARG_LOG_VERBOSITY) unless the environment
 # sets one or LOG_LEVEL is debug: warnings and errors. At llama.cpp's default (3, info) the child
 # writes about a dozen lines per request (the slot taken, its timings, the slot released, every
@@ -88,6 +97,8 @@ class LlamaServer:
         self.port = 0
         self._process: subprocess.Popen[bytes] | None = None
         self._log_tail: collections.deque[str] = collections.deque(maxlen=20)
+        self._kept: list[tuple[float, Connection]] = []  # (when kept, connection), newest last
+        self._kept_lock = threading.Lock()
 
     def spawn(self) -> None:
         """Start the process (it loads the model on its own); `start` waits for it."""
@@ -151,6 +162,7 @@ class LlamaServer:
 
     def stop(self) -> None:
         """SIGTERM, then SIGKILL after a grace period."""
+        self.close_kept()
         process = self._process
         if process is None or process.poll() is not None:
             return
@@ -168,20 +180,58 @@ class LlamaServer:
         return (errors or lines or ["no output"])[-1]
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None) -> dict[str, Any]:
-        """A short JSON call (/props, /tokenize, a warm-up /completion)."""
-        conn = self.connect(CALL_TIMEOUT_S)
-        try:
-            conn.request(method, path, None if body is None else json.dumps(body).encode())
-            response = conn.response()
-            data = response.read()
-        except OSError as exc:
-            raise ServerError(f"llama-server {path}: {exc}") from None
-        finally:
-            conn.close()
+        """A short JSON call (/props, /tokenize, a warm-up /completion), on a kept-alive
+        connection when there is one."""
+        payload = None if body is None else json.dumps(body).encode()
+        conn = self._take_kept()
+        kept = conn is not None
+        while True:
+            if conn is None:
+                conn = self.connect(CALL_TIMEOUT_S)
+            try:
+                conn.request(method, path, payload)
+                response = conn.response()
+                data = response.read()
+                break
+            except OSError as exc:
+                conn.close()
+                if kept and isinstance(exc, ConnectionError):
+                    conn, kept = None, False  # the child closed it while we kept it: anew
+                    continue
+                raise ServerError(f"llama-server {path}: {exc}") from None
+        self._keep(conn, response.headers)
         if response.status != 200:
             raise server_error(response.status, data)
         result: dict[str, Any] = json.loads(data)
         return result
+
+    def _take_kept(self) -> Connection | None:
+        """The most recently kept connection still fresh enough; the stale ones are closed."""
+        now = time.monotonic()
+        with self._kept_lock:
+            stale = [conn for at, conn in self._kept if now - at > KEEP_IDLE_S]
+            fresh = [(at, conn) for at, conn in self._kept if now - at <= KEEP_IDLE_S]
+            conn = fresh.pop()[1] if fresh else None
+            self._kept = fresh
+        for old in stale:
+            old.close()
+        return conn
+
+    def _keep(self, conn: Connection, headers: dict[str, str]) -> None:
+        """Keep `conn` for the next short call, unless the child is closing it or enough are."""
+        if headers.get("connection", "").lower() != "close":
+            with self._kept_lock:
+                if len(self._kept) < KEEP_MAX:
+                    self._kept.append((time.monotonic(), conn))
+                    return
+        conn.close()
+
+    def close_kept(self) -> None:
+        """Close every kept connection."""
+        with self._kept_lock:
+            kept, self._kept = self._kept, []
+        for _, conn in kept:
+            conn.close()
 
     def connect(self, timeout_s: float | None) -> Connection:
         """A connection to the child (connected by its request); closing it mid-answer cancels

@@ -5,9 +5,11 @@ machine's cores, two responses a request: /tokenize and /completion) and reads a
 through layers of peek and readline (15 us an event against 7 here: bench/RESULTS.md, "The
 upstream client"); importing it brings email and ssl (about 40 modules) into a cold start. The
 child is one known server on the loopback: it answers with a Content-Length or in chunks (its
-streams), so an answer's end is known without waiting for the connection's. The connection is
-closed after one answer; closed mid-answer, it makes llama-server cancel the slot's task (a
-request that asked for `Connection: close` was not cancelled: the server stops watching it).
+streams), so an answer's end is known without waiting for the connection's. A generation's
+connection is closed after its answer; closed mid-answer, it makes llama-server cancel the
+slot's task (a request that asked for `Connection: close` was not cancelled: the server stops
+watching it). Short calls may send their next request on the same connection
+(`LlamaServer.call`).
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ class Connection:
         self.sock: socket.socket | None = None
 
     def request(self, method: str, path: str, body: bytes | None = None) -> None:
-        """Connect and send the request (JSON body, if any)."""
-        self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
+        """Send the request (JSON body, if any), connecting first unless connected (a kept-alive
+        connection whose last answer was read whole)."""
+        if self.sock is None:
+            self.sock = socket.create_connection((self.host, self.port), timeout=self.timeout_s)
         head = f"{method} {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
         if body is not None:
             head += f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n"

@@ -1,0 +1,126 @@
+"""GIVEN a server on the loopback that keeps connections alive as llama-server does WHEN the
+engine makes short calls to it (/tokenize, /props) THEN they share one connection; a connection
+the server says it closes, or closes while we keep it, or one kept too long, is not used again,
+and the call still succeeds; stopping closes what is kept."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+
+from handler.config import load_settings
+from handler.engine.llama_server import process
+from handler.engine.llama_server.process import LlamaServer
+
+
+class KeepAlive:
+    """Answers every request on a connection with `{"n": <its number>}`; with `close_after`,
+    the answer that many says `Connection: close` and the connection ends; with `drop`, the
+    connection ends after each answer without saying so (an idle keep-alive running out)."""
+
+    def __init__(self, close_after: int | None = None, drop: bool = False) -> None:
+        self.close_after, self.drop = close_after, drop
+        self.connections = 0
+        self.requests: list[bytes] = []
+        self.ended = threading.Event()  # a connection saw the client close it
+        self.listener = socket.socket()
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(8)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            served = 0
+            while True:
+                while b"\r\n\r\n" not in data:
+                    more = conn.recv(65536)
+                    if not more:
+                        self.ended.set()
+                        return
+                    data += more
+                head, _, data = data.partition(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                while len(data) < length:
+                    data += conn.recv(65536)
+                self.requests.append(head)
+                data = data[length:]
+                served += 1
+                body = json.dumps({"n": len(self.requests)}).encode()
+                closing = self.close_after is not None and served == self.close_after
+                extra = b"Connection: close\r\n" if closing else b""
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d"
+                    b"\r\n\r\n%s" % (extra, len(body), body)
+                )
+                if closing or self.drop:
+                    return
+
+    def close(self) -> None:
+        self.listener.close()
+
+
+@contextmanager
+def child(**how: object) -> Iterator[tuple[LlamaServer, KeepAlive]]:
+    server = KeepAlive(**how)  # type: ignore[arg-type]
+    llama = LlamaServer(load_settings({"INFERENCE_ENGINE": "llama-server"}), "model.gguf")
+    llama.port = server.port
+    try:
+        yield llama, server
+    finally:
+        llama.close_kept()
+        server.close()
+
+
+def test_short_calls_share_one_kept_connection():
+    with child() as (llama, server):
+        answers = [llama.call("POST", "/tokenize", {"content": "hi"})["n"] for _ in range(3)]
+        assert answers == [1, 2, 3]
+        assert server.connections == 1
+
+
+def test_a_connection_the_child_says_it_closes_is_not_used_again():
+    with child(close_after=2) as (llama, server):
+        assert [llama.call("GET", "/props")["n"] for _ in range(3)] == [1, 2, 3]
+        assert server.connections == 2
+
+
+def test_a_kept_connection_the_child_closed_meanwhile_is_replaced_and_the_call_succeeds():
+    with child(drop=True) as (llama, server):
+        assert [llama.call("GET", "/props")["n"] for _ in range(3)] == [1, 2, 3]
+        assert server.connections == 3  # each kept one found closed, the call sent anew
+
+
+def test_a_connection_kept_too_long_is_closed_not_used(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(process, "KEEP_IDLE_S", -1.0)  # everything kept is already too old
+    with child() as (llama, server):
+        llama.call("GET", "/props")
+        llama.call("GET", "/props")
+        assert server.connections == 2
+        assert server.ended.wait(5)  # the stale one was closed
+
+
+def test_closing_what_is_kept_closes_the_connections():
+    with child() as (llama, server):
+        llama.call("GET", "/props")
+        assert not server.ended.is_set()
+        llama.close_kept()
+        assert server.ended.wait(5)
