@@ -125,6 +125,8 @@ def load_levels(
     found: dict[str, Any] = {}
     for mode in args.modes:
         sender = p6_load.http_sender(port, body, stream=mode == "stream")
+        if args.prime_s:
+            found[f"{mode} prime"] = prime(sender, max(levels), args.prime_s)
         found[mode] = {
             str(level): p6_load.closed_loop(
                 sender,
@@ -138,6 +140,14 @@ def load_levels(
         }
         print(json.dumps({mode: found[mode]}), flush=True)
     return found
+
+
+def prime(send: p6_load.Send, clients: int, seconds: float) -> dict[str, Any]:
+    """One unreported closed loop at the top level before a mode's measured levels, so that
+    every server's windows come after the same history: a fresh llama-server's first phase at a
+    level decoded 30% slower per slot than a later one (RESULTS.md, sixth pass). Reported as the
+    mode "<mode> prime"."""
+    return {str(clients): p6_load.closed_loop(send, clients, warmup_s=0.0, window_s=seconds)}
 
 
 def measure(
@@ -205,6 +215,10 @@ def measure_runtime(env: dict[str, str], args: argparse.Namespace) -> dict[str, 
             row["ready_s"] = time.perf_counter() - t0  # init, then every worker on /next
             for mode in args.modes:
                 sender = p6_load.runtime_sender(server, event, stream=mode == "stream")
+                if args.prime_s:
+                    row["levels"][f"{mode} prime"] = prime(
+                        sender, max(args.runtime_levels), args.prime_s
+                    )
                 row["levels"][mode] = {
                     str(level): p6_load.closed_loop(
                         sender, level, warmup_s=args.warmup_s, window_s=args.window_s
@@ -259,6 +273,10 @@ def main() -> None:
     parser.add_argument("--warmup-s", type=float, default=3.0, help="per level, not measured")
     parser.add_argument("--window-s", type=float, default=12.0, help="per level, measured")
     parser.add_argument(
+        "--prime-s", type=float, default=0.0,
+        help="per mode: a closed loop at the top level first, not measured (0: none)",
+    )  # fmt: skip
+    parser.add_argument(
         "--only",
         nargs="*",
         default=["bench", "anchor", "slots", "runtime", "llama"],
@@ -273,6 +291,7 @@ def main() -> None:
     results["model"] = {"path": str(args.model), "bytes": args.model.stat().st_size}
     results["load"] = {
         "max_tokens": args.max_tokens, "warmup_s": args.warmup_s, "window_s": args.window_s,
+        "prime_s": args.prime_s,
     }  # fmt: skip
     if args.resume:
         done = {STEPS[k] for k in results if k in STEPS}
