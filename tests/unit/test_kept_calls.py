@@ -1,7 +1,7 @@
 """GIVEN a server on the loopback that keeps connections alive as llama-server does WHEN the
 engine makes short calls to it (/tokenize, /props) THEN they share one connection; a connection
 the server says it closes, or closes while we keep it, or one kept too long, is not used again,
-and the call still succeeds; stopping closes what is kept."""
+and the call still succeeds; no more than KEEP_MAX are kept; stopping closes what is kept."""
 
 from __future__ import annotations
 
@@ -21,10 +21,14 @@ from handler.engine.llama_server.process import LlamaServer
 class KeepAlive:
     """Answers every request on a connection with `{"n": <its number>}`; with `close_after`,
     the answer that many says `Connection: close` and the connection ends; with `drop`, the
-    connection ends after each answer without saying so (an idle keep-alive running out)."""
+    connection ends after each answer without saying so (an idle keep-alive running out); with
+    `together`, the first answers wait until that many requests are in (calls at once)."""
 
-    def __init__(self, close_after: int | None = None, drop: bool = False) -> None:
+    def __init__(
+        self, close_after: int | None = None, drop: bool = False, together: int = 1
+    ) -> None:
         self.close_after, self.drop = close_after, drop
+        self.together = threading.Barrier(together)
         self.connections = 0
         self.requests: list[bytes] = []
         self.ended = threading.Event()  # a connection saw the client close it
@@ -63,6 +67,8 @@ class KeepAlive:
                     data += conn.recv(65536)
                 self.requests.append(head)
                 data = data[length:]
+                if served == 0:
+                    self.together.wait(5)
                 served += 1
                 body = json.dumps({"n": len(self.requests)}).encode()
                 closing = self.close_after is not None and served == self.close_after
@@ -116,6 +122,25 @@ def test_a_connection_kept_too_long_is_closed_not_used(monkeypatch: pytest.Monke
         llama.call("GET", "/props")
         assert server.connections == 2
         assert server.ended.wait(5)  # the stale one was closed
+
+
+def test_no_more_than_keep_max_connections_are_kept(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(process, "KEEP_MAX", 2)
+    with child(together=4) as (llama, server):
+        answers: list[int] = []
+        calls = [
+            threading.Thread(target=lambda: answers.append(llama.call("GET", "/props")["n"]))
+            for _ in range(4)
+        ]
+        for call in calls:
+            call.start()
+        for call in calls:
+            call.join(10)
+        assert len(answers) == 4 and server.connections == 4  # all four were open at once
+        assert len(llama._kept) == 2
+        assert server.ended.wait(5)  # the other two were closed
+        llama.call("GET", "/props")
+        assert server.connections == 4  # the next call used a kept one
 
 
 def test_closing_what_is_kept_closes_the_connections():
