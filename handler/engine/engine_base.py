@@ -1,21 +1,25 @@
 """What both engines share around their lifecycle: the state calls the contract names, the status
-snapshot, and making the model resident. An engine adds how it loads (`_run`), how deep its queue
-is, and what else its status reports."""
+snapshot, making the model resident, and rendering chat prompts with the model's template. An
+engine adds how it loads (`_run`, which also sets the template), how it tokenizes, how deep its
+queue is, and what else its status reports."""
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
 from handler.config import Settings
 from handler.deadline import Deadline
+from handler.engine.chat_template import ChatTemplate
 from handler.engine.lifecycle import EngineState, EngineStatus, Lifecycle
+from handler.engine.prompts import render_chat
 from handler.engine.residency import ResidencyCache, make_resident
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch
 
 
-class EngineBase:
+class EngineBase(ABC):
     """The lifecycle half of the engine contract, for engines that hold one `Lifecycle`."""
 
     thread_name = "coldstart-engine"
@@ -32,6 +36,7 @@ class EngineBase:
         self._resolver = resolver
         self._model: ResolvedModel | None = None
         self._residency = ResidencyCache()
+        self._chat_template: ChatTemplate | None = None  # set by the load, if the model has one
 
     @property
     def state(self) -> EngineState:
@@ -42,7 +47,7 @@ class EngineBase:
         """Start loading on a thread of its own (`_run`), once."""
         self.lifecycle.start(self._run, name=self.thread_name)
 
-    def app_built(self) -> None:
+    def app_built(self) -> None:  # noqa: B027 - a hook; an engine that needs it overrides it
         """The entry point's imports are done (an engine that waits for them overrides this)."""
 
     def wait_loaded(self, timeout_s: float | None) -> EngineState:
@@ -80,9 +85,29 @@ class EngineBase:
         self._residency.refresh(self._model.path)
         return resident
 
+    # ----------------------------------------------------------------- prompts
+
+    def chat_prompt(
+        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
+    ) -> tuple[list[int], tuple[str, ...]]:
+        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
+        self.lifecycle.require_usable()
+        return render_chat(self._chat_template, messages, self.tokenize, tools)
+
+    @property
+    def template_takes_tools(self) -> bool:
+        """Whether the model's chat template renders a `tools` list itself."""
+        return self._chat_template is not None and self._chat_template.takes_tools
+
+    @abstractmethod
+    def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
+        """Tokens of `text`, by the model's vocabulary."""
+
+    # ----------------------------------------------------------------- per engine
+
+    @abstractmethod
     def _run(self) -> None:
         """The loading thread: resolve, load, `lifecycle.ready()`, then whatever the engine does."""
-        raise NotImplementedError
 
     def _queue_depth(self) -> int:
         """Requests waiting for the engine."""

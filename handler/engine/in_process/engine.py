@@ -51,7 +51,6 @@ class InProcessEngine(EngineBase):
         self._model_handle: Any = None  # bindings.Model
         self._context: Any = None  # bindings.Context for generation
         self._embedder: Any = None  # bindings.Context with embeddings, built on first use
-        self._chat_template: ChatTemplate | None = None
         self._jobs: queue.Queue[tuple[Callable[[], Any], Future[Any]]] = queue.Queue()
 
     # ----------------------------------------------------------------- lifecycle
@@ -172,18 +171,6 @@ class InProcessEngine(EngineBase):
         return future
 
     # ----------------------------------------------------------------- prompts
-
-    def chat_prompt(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> tuple[list[int], tuple[str, ...]]:
-        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
-        self.lifecycle.require_usable()
-        return render_chat(self._chat_template, messages, self.tokenize, tools)
-
-    @property
-    def template_takes_tools(self) -> bool:
-        """Whether the model's chat template renders a `tools` list itself."""
-        return self._chat_template is not None and self._chat_template.takes_tools
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of `text` (read-only vocabulary access: safe off the engine thread)."""

@@ -20,7 +20,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from handler import deadline as deadlines
 from handler.config import Settings
@@ -46,7 +46,7 @@ from handler.engine.llama_server.process import (
 )
 from handler.engine.llama_server.reading import StreamReading
 from handler.engine.llama_server.sampling import completion_body, samples_on_backend
-from handler.engine.prompts import WARMUP_PROMPT, render_chat
+from handler.engine.prompts import WARMUP_PROMPT
 from handler.errors import InvalidRequest
 from handler.model_source import Progress, ResolvedModel, resolve_model
 from handler.model_source.prefetch import Prefetch, start_for
@@ -87,7 +87,6 @@ class LlamaServerEngine(EngineBase):
     ) -> None:
         super().__init__(settings, resolver, prefetch)
         self._server: LlamaServer | None = None
-        self._chat_template: ChatTemplate | None = None
         self._in_flight = 0
         self._in_flight_lock = threading.Lock()
         self._closing = False
@@ -223,18 +222,6 @@ class LlamaServerEngine(EngineBase):
         return self._server
 
     # ----------------------------------------------------------------- prompts
-
-    def chat_prompt(
-        self, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None
-    ) -> tuple[list[int], tuple[str, ...]]:
-        """Render messages with the model's chat template; return (tokens, extra stop strings)."""
-        self.lifecycle.require_usable()
-        return render_chat(self._chat_template, messages, self.tokenize, tools)
-
-    @property
-    def template_takes_tools(self) -> bool:
-        """Whether the model's chat template renders a `tools` list itself."""
-        return self._chat_template is not None and self._chat_template.takes_tools
 
     def tokenize(self, text: str, add_bos: bool = True, special: bool = False) -> list[int]:
         """Tokens of `text`, by the server's vocabulary."""
