@@ -180,9 +180,12 @@ class Settings:
     )
     # A buffered request whose client can hang up (`serve`): `cancel` streams it from the child,
     # which drops the task at its next token once the client is gone; `finish` asks for one
-    # answer (llama-server notices no hang-up under load, but skips its per-token hand-over).
-    buffered_hangup: Literal["cancel", "finish"] = setting(
-        "cancel", description="finish: one answer from llama-server; a hung-up request runs on"
+    # answer (llama-server notices no hang-up under load, but skips its per-token hand-over);
+    # `auto` asks for one answer while at most half the slots are busy, else cancels.
+    buffered_hangup: Literal["auto", "cancel", "finish"] = setting(
+        "auto",
+        description="auto: one answer while half the slots are free; cancel: always "
+        "streamed from the child; finish: always one answer (a hung-up request runs on)",
     )
 
     # API

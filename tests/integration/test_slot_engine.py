@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 
 from bench.common import free_port, http_ok, poll, serve_command, stop
 from bench.runtime_api_server import RuntimeAPIServer
+from handler.config import load_settings
 from handler.engine import EngineState, SamplingParams
 from handler.engine.llama_server import early
 from handler.engine.llama_server.engine import LlamaServerEngine
@@ -45,12 +46,15 @@ def server_bin() -> str:
 
 
 def slot_env() -> dict[str, str]:
-    """The environment of the llama-server engine the tests run: two slots, two threads."""
+    """The environment of the llama-server engine the tests run: two slots, two threads; a
+    buffered request a client can cancel is always streamed from the child (BUFFERED_HANGUP's
+    default, auto, asks for one answer while one of the two slots is free: tested on its own)."""
     return {
         "INFERENCE_ENGINE": "llama-server",
         "LLAMA_SERVER_BIN": server_bin(),
         "PARALLEL_SLOTS": "2",
         "N_THREADS": "2",
+        "BUFFERED_HANGUP": "cancel",
     }
 
 
@@ -231,6 +235,46 @@ def test_with_buffered_hangup_finish_a_buffered_request_is_one_answer_that_runs_
         text = generation.text()
         assert generation.result.completion_tokens == 300 and not generation.result.interrupted
         assert text.startswith(" 4, 5")
+    finally:
+        engine.close()
+
+
+def test_by_default_a_buffered_request_is_one_answer_until_half_the_slots_are_busy():
+    """BUFFERED_HANGUP=auto (the default), two slots: the first buffered request (one slot of
+    two busy) is one answer, which runs on to its last token after its client hangs up; the
+    second, started while the first runs (both busy), is streamed from the child, and its
+    hang-up frees its slot at once."""
+    assert load_settings({"INFERENCE_ENGINE": "llama-server"}).buffered_hangup == "auto"
+    engine = started(slot_settings(BUFFERED_HANGUP="auto"))  # the shared engine pins cancel
+    try:
+        prompt = engine.tokenize("1, 2, 3,")
+        first_hung_up, second_hung_up = threading.Event(), threading.Event()
+        first = engine.generate(
+            prompt,
+            SamplingParams(max_tokens=300, temperature=0.0),
+            streaming=False,
+            cancel=first_hung_up,
+        )
+        second = engine.generate(
+            prompt,
+            SamplingParams(max_tokens=2000, temperature=0.0),
+            streaming=False,
+            cancel=second_hung_up,
+        )
+        poll(lambda: busy_slots(engine) == 2, 30)
+        texts: list[str] = []
+        reader = threading.Thread(target=lambda: texts.append(second.text()))
+        reader.start()
+        poll(lambda: most_decoded(engine) >= 8, 30)
+        first_hung_up.set()
+        second_hung_up.set()
+        reader.join(30)
+        assert second.result.interrupted and second.result.completion_tokens < 2000
+        assert texts[0].startswith(" 4, 5")
+        text = first.text()
+        assert first.result.completion_tokens == 300 and not first.result.interrupted
+        assert text.startswith(" 4, 5")
+        poll(lambda: busy_slots(engine) == 0, 30)
     finally:
         engine.close()
 

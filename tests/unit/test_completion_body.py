@@ -131,3 +131,24 @@ def test_backend_sampling_needs_a_gpu_and_a_busy_server_unless_set(env, in_fligh
     from handler.engine.llama_server.sampling import samples_on_backend
 
     assert samples_on_backend(load_settings(env), in_flight) is expected
+
+
+@pytest.mark.parametrize(
+    ("env", "in_flight", "expected"),
+    [
+        ({"PARALLEL_SLOTS": "64"}, 1, False),  # auto: slots are plentiful, one answer
+        ({"PARALLEL_SLOTS": "64"}, 32, False),  # half the slots still free
+        ({"PARALLEL_SLOTS": "64"}, 33, True),  # slots are scarce: a hang-up frees one
+        ({"PARALLEL_SLOTS": "2"}, 1, False),
+        ({"PARALLEL_SLOTS": "2"}, 2, True),
+        ({"PARALLEL_SLOTS": "1"}, 1, True),  # one slot: a request that runs on blocks the rest
+        ({"PARALLEL_SLOTS": "64", "BUFFERED_HANGUP": "cancel"}, 1, True),
+        ({"PARALLEL_SLOTS": "64", "BUFFERED_HANGUP": "finish"}, 64, False),
+    ],
+)
+def test_a_hang_up_cancels_once_half_the_slots_are_busy_unless_set(env, in_flight, expected):
+    from handler.config import load_settings
+    from handler.engine.llama_server.engine import hangup_cancels
+
+    settings = load_settings({"INFERENCE_ENGINE": "llama-server", **env})
+    assert hangup_cancels(settings, in_flight) is expected
