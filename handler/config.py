@@ -181,11 +181,12 @@ class Settings:
     # A buffered request whose client can hang up (`serve`): `cancel` streams it from the child,
     # which drops the task at its next token once the client is gone; `finish` asks for one
     # answer (llama-server notices no hang-up under load, but skips its per-token hand-over);
-    # `auto` asks for one answer while at most half the slots are busy, else cancels.
+    # `auto`, with GPU layers, asks for one answer while at most half the slots are busy, and
+    # cancels otherwise (on the CPU, always).
     buffered_hangup: Literal["auto", "cancel", "finish"] = setting(
         "auto",
-        description="auto: one answer while half the slots are free; cancel: always "
-        "streamed from the child; finish: always one answer (a hung-up request runs on)",
+        description="auto: with GPU layers, one answer while half the slots are free; cancel: "
+        "always streamed from the child; finish: always one answer (a hung-up request runs on)",
     )
 
     # API

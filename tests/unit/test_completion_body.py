@@ -133,20 +133,25 @@ def test_backend_sampling_needs_a_gpu_and_a_busy_server_unless_set(env, in_fligh
     assert samples_on_backend(load_settings(env), in_flight) is expected
 
 
+GPU = {"N_GPU_LAYERS": "-1"}
+
+
 @pytest.mark.parametrize(
     ("env", "in_flight", "expected"),
     [
-        ({"PARALLEL_SLOTS": "64"}, 1, False),  # auto: slots are plentiful, one answer
-        ({"PARALLEL_SLOTS": "64"}, 32, False),  # half the slots still free
-        ({"PARALLEL_SLOTS": "64"}, 33, True),  # slots are scarce: a hang-up frees one
-        ({"PARALLEL_SLOTS": "2"}, 1, False),
-        ({"PARALLEL_SLOTS": "2"}, 2, True),
-        ({"PARALLEL_SLOTS": "1"}, 1, True),  # one slot: a request that runs on blocks the rest
-        ({"PARALLEL_SLOTS": "64", "BUFFERED_HANGUP": "cancel"}, 1, True),
+        ({"PARALLEL_SLOTS": "64", **GPU}, 1, False),  # auto: slots are plentiful, one answer
+        ({"PARALLEL_SLOTS": "64", **GPU}, 32, False),  # half the slots still free
+        ({"PARALLEL_SLOTS": "64", **GPU}, 33, True),  # slots are scarce: a hang-up frees one
+        ({"PARALLEL_SLOTS": "64", "N_GPU_LAYERS": "12"}, 1, False),
+        ({"PARALLEL_SLOTS": "64"}, 1, True),  # on the CPU a request that runs on costs compute
+        ({"PARALLEL_SLOTS": "2", **GPU}, 1, False),
+        ({"PARALLEL_SLOTS": "2", **GPU}, 2, True),
+        ({"PARALLEL_SLOTS": "1", **GPU}, 1, True),  # one slot: one that runs on blocks the rest
+        ({"PARALLEL_SLOTS": "64", **GPU, "BUFFERED_HANGUP": "cancel"}, 1, True),
         ({"PARALLEL_SLOTS": "64", "BUFFERED_HANGUP": "finish"}, 64, False),
     ],
 )
-def test_a_hang_up_cancels_once_half_the_slots_are_busy_unless_set(env, in_flight, expected):
+def test_a_hang_up_cancels_on_the_cpu_or_once_half_the_slots_are_busy(env, in_flight, expected):
     from handler.config import load_settings
     from handler.engine.llama_server.engine import hangup_cancels
 

@@ -80,15 +80,18 @@ def hangup_cancels(settings: Settings, in_flight: int) -> bool:
     its task at the next token, rather than asked for as one answer that runs to its end (under
     load llama-server notices no hang-up of a buffered /completion, `_send`).
 
-    BUFFERED_HANGUP cancel: always; finish: never; auto: once more than half the slots are busy.
-    One answer spares llama-server its per-token hand-over of a streamed answer (on the H200,
-    llama-server alone did 1,548 / 3,383 tok/s buffered at 4 / 16 clients against 1,466 / 2,615
-    streamed) and our process a read per token; a request that runs on after its client left
-    then holds a slot while at least half of them are free. When slots are scarce, a freed slot
-    is worth more than the hand-over.
+    BUFFERED_HANGUP cancel: always; finish: never; auto: on the CPU, or once more than half the
+    slots are busy. One answer spares llama-server its per-token hand-over of a streamed answer
+    (on the H200, llama-server alone did 1,548 / 3,383 tok/s buffered at 4 / 16 clients against
+    1,466 / 2,615 streamed) and our process a read per token; a request that runs on after its
+    client left then holds a slot while at least half of them are free, and on a GPU its row in
+    the batch costs little (decoding is bound by reading the weights). On the CPU every row is
+    compute the others wait for, and what one answer saves is small (our CPU per buffered token
+    0.88x on a 2-vCPU VM), so a hang-up always cancels there; so it does when slots are scarce,
+    where a freed slot is worth more than the hand-over.
     """
     if settings.buffered_hangup == "auto":
-        return in_flight * 2 > settings.parallel_slots
+        return settings.n_gpu_layers == 0 or in_flight * 2 > settings.parallel_slots
     return settings.buffered_hangup == "cancel"
 
 
