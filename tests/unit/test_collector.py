@@ -22,6 +22,7 @@ from handler.engine.llama_server.process import ServerError
 from handler.engine.llama_server.reading import StreamReading
 from handler.engine.llama_server.upstream import Connection
 from handler.errors import ContextLengthExceeded, ModelNotReady
+from tests.unit.loopback import LoopbackServer
 
 HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 
@@ -31,29 +32,14 @@ def event(payload: dict[str, Any]) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-class Streamer:
+class Streamer(LoopbackServer):
     """Answers each connection with `tokens` chunks, `gap_s` apart, then the last one; notes
     how many it wrote before the client went away."""
 
     def __init__(self, tokens: int, gap_s: float, answer: bytes | None = None) -> None:
         self.tokens, self.gap_s, self.answer = tokens, gap_s, answer
         self.written: list[int] = []
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(16)
-        self.port = self.listener.getsockname()[1]
-        self._threads: list[threading.Thread] = []
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
-            self._threads.append(thread)
-            thread.start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -84,11 +70,6 @@ class Streamer:
             except OSError:
                 pass  # the client went away: what llama-server sees as a failed write
             self.written.append(written)
-
-    def close(self) -> None:
-        self.listener.close()
-        for thread in self._threads:
-            thread.join(5)
 
 
 @contextmanager

@@ -16,9 +16,10 @@ import pytest
 from handler.config import load_settings
 from handler.engine.llama_server import process
 from handler.engine.llama_server.process import LlamaServer
+from tests.unit.loopback import LoopbackServer
 
 
-class KeepAlive:
+class KeepAlive(LoopbackServer):
     """Answers every request on a connection with `{"n": <its number>}`; with `close_after`,
     the answer that many says `Connection: close` and the connection ends; with `drop`, the
     connection ends after each answer without saying so (an idle keep-alive running out); with
@@ -29,23 +30,9 @@ class KeepAlive:
     ) -> None:
         self.close_after, self.drop = close_after, drop
         self.together = threading.Barrier(together)
-        self.connections = 0
         self.requests: list[bytes] = []
         self.ended = threading.Event()  # a connection saw the client close it
-        self.listener = socket.socket()
-        self.listener.bind(("127.0.0.1", 0))
-        self.listener.listen(8)
-        self.port = self.listener.getsockname()[1]
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.listener.accept()
-            except OSError:
-                return
-            self.connections += 1
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+        super().__init__()
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
@@ -79,9 +66,6 @@ class KeepAlive:
                 )
                 if closing or self.drop:
                     return
-
-    def close(self) -> None:
-        self.listener.close()
 
 
 @contextmanager
