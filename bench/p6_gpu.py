@@ -393,8 +393,8 @@ def report(results: dict[str, Any]) -> str:
 def level_table(results: dict[str, Any]) -> list[str]:
     """One row per server, mode and level: aggregate tokens/s, TTFT and probe latencies."""
     head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
-    head += ["latency p50 s", "/healthz (llama-server: /health) p50/p99 ms", "/readyz p50/p99 ms"]
-    head += ["errors"]
+    head += ["latency p50 s", "/healthz (llama-server: /health) p50/p99/max ms"]
+    head += ["/readyz p50/p99 ms", "loop wake-ups late > 5/10/25 ms", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in ("anchor", "anchor_bs", "slots", "runtime", "llama"):
         r = results.get(key)
@@ -404,8 +404,8 @@ def level_table(results: dict[str, Any]) -> list[str]:
                 cells = [r["name"], mode, level, f"{f['tokens_per_s']:.0f}"]
                 cells += [ms(ttft.get("p50")), ms(ttft.get("p99")), str(lat.get("p50", "-"))]
                 health = f.get("healthz_ms") or f.get("health_ms")
-                cells += [probe_cell(health), probe_cell(f.get("readyz_ms"))]
-                cells += [str(sum(f["errors"].values()))]
+                cells += [probe_cell(health, top=True), probe_cell(f.get("readyz_ms"))]
+                cells += [lag_cell(f.get("loop_lag")), str(sum(f["errors"].values()))]
                 lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -433,9 +433,19 @@ def ms(seconds: float | None) -> str:
     return "-" if seconds is None else f"{seconds * 1e3:.0f}"
 
 
-def probe_cell(found: dict[str, float] | None) -> str:
-    """p50/p99 of a probe's latency."""
-    return "-" if not found else f"{found['p50']:.1f}/{found['p99']:.1f}"
+def probe_cell(found: dict[str, float] | None, top: bool = False) -> str:
+    """p50/p99 (and with `top`, the slowest) of a probe's latency."""
+    if not found:
+        return "-"
+    cell = f"{found['p50']:.1f}/{found['p99']:.1f}"
+    return f"{cell}/{found['max']:.1f}" if top else cell
+
+
+def lag_cell(found: dict[str, int] | None) -> str:
+    """Of the window's wake-ups of our loop, how many came more than 5/10/25 ms late."""
+    if not found:
+        return "-"
+    return f"{found['over_5ms']}/{found['over_10ms']}/{found['over_25ms']} of {found['wakeups']}"
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ window, the share of its tokens that falls inside it (its tokens spread evenly o
 Streamed requests give the time to first token. During the window of an HTTP target, its health
 paths (ours: /healthz and /readyz; llama-server alone: /health, the same probe's reference) are
 probed every PROBE_INTERVAL_S from a process of their own (in this one they would wait for the
-GIL behind the load's clients, and measure that) and their latencies reported.
+GIL behind the load's clients, and measure that) and their latencies reported; for ours, also how
+late its event loop woke in the window (`coldstart_event_loop_lag_seconds` of /metrics, read
+before and after): a slow probe with a punctual loop waited somewhere else.
 """
 
 from __future__ import annotations
@@ -25,8 +27,9 @@ from typing import Any
 from bench.common import percentiles
 from bench.runtime_api_server import RuntimeAPIServer
 
-# Ten probes a second, alternating /healthz and /readyz: about fifty of each per 10 s window.
-PROBE_INTERVAL_S = 0.1
+# Fifty probes a second, alternating /healthz and /readyz: 200 of each per 8 s window, so that
+# p99 is not simply the slowest one (as it was at ten a second).
+PROBE_INTERVAL_S = 0.02
 OUR_PROBES = ("healthz", "readyz")
 PROMPT = "Once upon a time"
 
@@ -80,10 +83,51 @@ def closed_loop(
     prober = Prober(probe_port, window, probe_paths) if probe_port is not None else None
     for thread in threads:
         thread.start()
+    lag_before = loop_lag(probe_port, window[0]) if probe_port is not None else None
+    lag_after = loop_lag(probe_port, window[1]) if probe_port is not None else None
     for thread in threads:
         thread.join()
     probes = prober.result() if prober is not None else {}
-    return summarize(samples, window, clients, probes)
+    found = summarize(samples, window, clients, probes)
+    if lag_before is not None and lag_after is not None:
+        found["loop_lag"] = lag_in_window(lag_before, lag_after)
+    return found
+
+
+LAG_METRIC = "coldstart_event_loop_lag_seconds_bucket"
+
+
+def loop_lag(port: int, at: float) -> dict[str, int] | None:
+    """At time `at`, our server's loop-lag histogram (cumulative count per bound); None when
+    the server has none (llama-server alone)."""
+    time.sleep(max(0.0, at - time.perf_counter()))
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    try:
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        text = response.read().decode(errors="replace")
+    except OSError:
+        return None
+    finally:
+        conn.close()
+    if response.status != 200:
+        return None
+    found = {}
+    for line in text.splitlines():
+        if line.startswith(LAG_METRIC):
+            bound = line.split('le="', 1)[1].split('"', 1)[0]
+            found[bound] = int(float(line.rsplit(" ", 1)[1]))
+    return found or None
+
+
+def lag_in_window(before: dict[str, int], after: dict[str, int]) -> dict[str, int]:
+    """The window's wake-ups: how many in all, and how many later than 5, 10 and 25 ms."""
+    total = after["+Inf"] - before["+Inf"]
+
+    def later_than(bound: str) -> int:
+        return total - (after[bound] - before[bound])
+
+    return {"wakeups": total, **{f"over_{b}ms": later_than(repr(b / 1e3)) for b in (5, 10, 25)}}
 
 
 def summarize(

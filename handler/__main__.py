@@ -97,11 +97,12 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     import uvicorn
 
     from handler.service.openai_service import OpenAIService
+    from handler.web.loop_lag import LoopLag
     from handler.web.plain_app import LazyFastAPI, PlainApp
 
     service = OpenAIService(engine, settings)
     fallback = LazyFastAPI(service, watch_disconnect=True)
-    app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True)
+    app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True, loop_lag=LoopLag())
     engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     exit_on_sigterm()  # after uvicorn's graceful shutdown, the engine is closed below

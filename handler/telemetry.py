@@ -19,7 +19,7 @@ from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, field
-from typing import IO, Any
+from typing import IO, Any, Protocol
 
 NAMESPACE = "coldstart"
 
@@ -44,6 +44,14 @@ METRICS: dict[str, tuple[str, str]] = {
 }
 
 
+class Histogram(Protocol):
+    """A distribution kept elsewhere (the event loop's lag), shown by /metrics as it stands."""
+
+    def snapshot(self) -> tuple[tuple[float, ...], list[int], float]:
+        """(upper bounds, cumulative count per bound and then +Inf, sum of observations)."""
+        ...
+
+
 @dataclass
 class Metrics:
     """Collects per-invocation values (for EMF) and running totals (for Prometheus)."""
@@ -54,6 +62,11 @@ class Metrics:
     _totals: dict[str, float] = field(default_factory=dict)
     _counts: dict[str, int] = field(default_factory=dict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _histograms: dict[str, tuple[str, Histogram]] = field(default_factory=dict)
+
+    def watch(self, name: str, help_text: str, histogram: Histogram) -> None:
+        """Show `histogram` in the Prometheus text as `coldstart_<name>`."""
+        self._histograms[name] = (help_text, histogram)
 
     def record(self, name: str, value: float | None) -> None:
         """Record one observation (ignored when `value` is None)."""
@@ -124,7 +137,17 @@ class Metrics:
         for name, value in sorted((gauges or {}).items()):
             metric = f"coldstart_{name}"
             lines += [f"# TYPE {metric} gauge", f"{metric} {value:.6g}"]
+        for name, (help_text, histogram) in sorted(self._histograms.items()):
+            lines += _histogram_lines(f"coldstart_{name}", help_text, histogram)
         return "\n".join(lines) + "\n"
+
+
+def _histogram_lines(metric: str, help_text: str, histogram: Histogram) -> list[str]:
+    bounds, cumulative, total = histogram.snapshot()
+    lines = [f"# HELP {metric} {help_text}", f"# TYPE {metric} histogram"]
+    for bound, count in zip((*map(repr, bounds), "+Inf"), cumulative, strict=True):
+        lines.append(f'{metric}_bucket{{le="{bound}"}} {count}')
+    return [*lines, f"{metric}_sum {total:.6g}", f"{metric}_count {cumulative[-1]}"]
 
 
 # ---------------------------------------------------------------- logging

@@ -27,6 +27,7 @@ from handler.service.health import Reply
 from handler.service.openai_service import OpenAIService
 from handler.web.dispatch import Dispatcher, until_disconnect
 from handler.web.http import SSE_HEADERS, render_json, sse_lines
+from handler.web.loop_lag import LoopLag
 from handler.web.routes import Result, resolve
 
 log = logging.getLogger("coldstart.api")
@@ -74,10 +75,16 @@ class PlainApp:
         settings: Settings,
         fallback: Callable[[], ASGIApp] | None = None,
         watch_disconnect: bool = False,
+        loop_lag: LoopLag | None = None,
     ) -> None:
         self.settings = settings
         self.dispatcher = Dispatcher(service, settings, watch_disconnect)
         self._fallback = fallback
+        self._loop_lag = loop_lag
+        if loop_lag is not None:
+            service.metrics.watch(
+                "event_loop_lag_seconds", "how late the serving loop woke (Seconds)", loop_lag
+            )
 
     def speaks(self, scope: Scope) -> bool:
         """HTTP with a JSON body, or none: what this app parses itself."""
@@ -88,6 +95,8 @@ class PlainApp:
         return content_type in JSON_TYPES
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if self._loop_lag is not None:
+            self._loop_lag.start()  # on the serving loop, which exists from the first request
         if not self.speaks(scope):
             if self._fallback is None:
                 return  # lifespan and websockets: nothing to do

@@ -3,6 +3,8 @@ THEN it works."""
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import pytest
@@ -128,3 +130,21 @@ def test_metrics_endpoint_is_prometheus_text(base_url, client):
     assert samples["coldstart_time_to_first_token_last"] > 0
     assert samples["coldstart_phase_load_s"] > 0
     assert sum(v for k, v in samples.items() if k.startswith("coldstart_state_")) == 1
+
+
+def test_metrics_show_how_late_the_serving_loop_woke(base_url):
+    """The serving loop's lag histogram counts wake-ups from the first request on."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    def lag_count() -> float:
+        text = httpx.get(base_url + "/metrics").text
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        family = families["coldstart_event_loop_lag_seconds"]
+        assert family.type == "histogram"
+        return next(s.value for s in family.samples if s.name.endswith("_count"))
+
+    first = lag_count()
+    deadline = time.monotonic() + 30
+    while lag_count() <= first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert lag_count() > first
