@@ -204,10 +204,16 @@ def probe_into(
 
 
 def probe(port: int, window: tuple[float, float], out: dict[str, list[float]]) -> None:
-    """Time GET of each path of `out`, in turn, every PROBE_INTERVAL_S inside the window."""
+    """Time GET of each path of `out`, in turn, every PROBE_INTERVAL_S inside the window, on a
+    fresh connection each time as a kubelet does (`<path>`; its handshake alone as
+    `<path>_connect`), and on a thread of its own, half a period apart, on one connection kept
+    open (`<path>_kept`): no new connection for the server to take in."""
+    paths = list(out)
+    found: dict[str, list[float]] = {}
+    kept = threading.Thread(target=probe_kept, args=(port, window, paths, found), daemon=True)
+    kept.start()
     while time.perf_counter() < window[0]:
         time.sleep(PROBE_INTERVAL_S)
-    paths = list(out)
     i = 0
     while time.perf_counter() < window[1]:
         path = paths[i % len(paths)]
@@ -215,14 +221,40 @@ def probe(port: int, window: tuple[float, float], out: dict[str, list[float]]) -
         conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
         started = time.perf_counter()
         try:
+            conn.connect()  # the kernel's handshake: no server code runs in it
+            connected = time.perf_counter()
             conn.request("GET", f"/{path}")
             conn.getresponse().read()
             out[path].append(time.perf_counter() - started)
+            out.setdefault(f"{path}_connect", []).append(connected - started)
         except OSError:
             pass  # a probe that fails is absent from the figures, as it would be from a kubelet's
         finally:
             conn.close()
         time.sleep(PROBE_INTERVAL_S)
+    kept.join()
+    out.update(found)
+
+
+def probe_kept(
+    port: int, window: tuple[float, float], paths: list[str], out: dict[str, list[float]]
+) -> None:
+    """`probe`'s kept-open connection, starting half a period after it."""
+    time.sleep(max(0.0, window[0] - time.perf_counter()) + PROBE_INTERVAL_S / 2)
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    i = 0
+    while time.perf_counter() < window[1]:
+        path = paths[i % len(paths)]
+        i += 1
+        started = time.perf_counter()
+        try:
+            conn.request("GET", f"/{path}")
+            conn.getresponse().read()
+            out.setdefault(f"{path}_kept", []).append(time.perf_counter() - started)
+        except (OSError, http.client.HTTPException):
+            conn.close()  # reconnects on the next request
+        time.sleep(PROBE_INTERVAL_S)
+    conn.close()
 
 
 # ----------------------------------------------------------------------------- HTTP targets
