@@ -124,7 +124,7 @@ def load_levels(
     body = p6_load.request_body(args.max_tokens)
     found: dict[str, Any] = {}
     for mode in args.modes:
-        sender = p6_load.http_sender(port, body, stream=mode == "stream")
+        sender = p6_load.HTTPSender(port, body, stream=mode == "stream", keep_alive=args.keep_alive)
         if args.prime_s:
             found[f"{mode} prime"] = prime(sender, max(levels), args.prime_s)
         found[mode] = {
@@ -282,6 +282,10 @@ def main() -> None:
         default=["bench", "anchor", "slots", "runtime", "llama"],
         help="steps; also anchor-bs: llama-server alone with --backend-sampling",
     )
+    parser.add_argument(
+        "--keep-alive", action="store_true",
+        help="each client keeps its connection open (as the openai client does), not one a request",
+    )  # fmt: skip
     parser.add_argument("--resume", action="store_true", help="skip steps already in p6.json")
     args = parser.parse_args()
     stop_cleanly_on_sigterm()
@@ -291,7 +295,7 @@ def main() -> None:
     results["model"] = {"path": str(args.model), "bytes": args.model.stat().st_size}
     results["load"] = {
         "max_tokens": args.max_tokens, "warmup_s": args.warmup_s, "window_s": args.window_s,
-        "prime_s": args.prime_s,
+        "prime_s": args.prime_s, "keep_alive": args.keep_alive,
     }  # fmt: skip
     if args.resume:
         done = {STEPS[k] for k in results if k in STEPS}

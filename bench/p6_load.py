@@ -78,6 +78,9 @@ def closed_loop(
             sample = send()
             with lock:
                 samples.append(sample)
+        done = getattr(send, "done", None)
+        if done is not None:
+            done()  # a sender's connection kept for this client
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     prober = Prober(probe_port, window, probe_paths) if probe_port is not None else None
@@ -260,33 +263,69 @@ def probe_kept(
 # ----------------------------------------------------------------------------- HTTP targets
 
 
-def http_sender(port: int, body: dict[str, Any], stream: bool) -> Send:
-    """A client of POST /v1/completions, streamed (SSE with usage) or buffered."""
+class HTTPSender:
+    """A client of POST /v1/completions, streamed (SSE with usage) or buffered: a new connection
+    per request, or with `keep_alive` one per client thread kept open between its requests, as
+    the `openai` client's pool does (a kept connection the server has closed meanwhile is opened
+    again and the request sent once more, as such a pool does; llama-server closes one after a
+    streamed answer). `done()`, on a client thread, closes that thread's connection: an idle
+    kept connection holds one of llama-server's HTTP threads until its keep-alive timeout."""
 
-    def send() -> Sample:
+    def __init__(
+        self, port: int, body: dict[str, Any], stream: bool, keep_alive: bool = False
+    ) -> None:
+        payload = {**body, "stream": stream}
+        if stream:
+            payload["stream_options"] = {"include_usage": True}
+        self.request = json.dumps(payload)
+        self.port, self.stream, self.keep_alive = port, stream, keep_alive
+        self._kept = threading.local()
+
+    def __call__(self) -> Sample:
         started = time.perf_counter()
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        conn: http.client.HTTPConnection | None = getattr(self._kept, "conn", None)
+        reused = conn is not None
+        if conn is None:
+            conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=600)
+        failed = True
         try:
-            payload = {**body, "stream": stream}
-            if stream:
-                payload["stream_options"] = {"include_usage": True}
-            conn.request(
-                "POST", "/v1/completions", json.dumps(payload), {"Content-Type": "application/json"}
-            )
-            response = conn.getresponse()
+            try:
+                response = self._post(conn)
+            except (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+                conn.close()  # closed by the server while idle: once more, on a new one
+                response = self._post(conn)
             if response.status != 200:
                 response.read()
                 return Sample(started, time.perf_counter(), error=f"http_{response.status}")
-            if not stream:
+            if self.stream:
+                sample = read_sse(response, started)
+            else:
                 usage = json.loads(response.read()).get("usage") or {}
-                return Sample(started, time.perf_counter(), int(usage.get("completion_tokens", 0)))
-            return read_sse(response, started)
+                tokens = int(usage.get("completion_tokens", 0))
+                sample = Sample(started, time.perf_counter(), tokens)
+            failed = False
+            return sample
         except (OSError, http.client.HTTPException, ValueError) as exc:
             return Sample(started, time.perf_counter(), error=type(exc).__name__)
         finally:
-            conn.close()
+            if failed or not self.keep_alive:
+                conn.close()
+                self._kept.conn = None
+            else:
+                self._kept.conn = conn
 
-    return send
+    def _post(self, conn: http.client.HTTPConnection) -> http.client.HTTPResponse:
+        conn.request("POST", "/v1/completions", self.request, {"Content-Type": "application/json"})
+        return conn.getresponse()
+
+    def done(self) -> None:
+        """Close the calling thread's kept connection, if any."""
+        conn = getattr(self._kept, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._kept.conn = None
 
 
 def read_sse(lines: Any, started: float) -> Sample:

@@ -48,7 +48,7 @@ def cpu_s(pid: int) -> float:
 
 def load(port: int, clients: int, requests: int, body: dict[str, Any], stream: bool) -> int:
     """`requests` requests from `clients` closed-loop clients; the tokens answered."""
-    send = p6_load.http_sender(port, body, stream=stream)
+    send = p6_load.HTTPSender(port, body, stream=stream)
     left = [requests]
     tokens = [0]
     lock = threading.Lock()

@@ -2,10 +2,11 @@
 /healthz under load waited on this process's loop or somewhere else (the kernel, a core).
 
 `LoopLag.run` sleeps TICK_S at a time on the loop it watches and records how much later than
-asked it woke: nothing else on that loop can have waited longer than the tick before it plus that
-delay. /metrics shows the delays as a Prometheus histogram (`coldstart_event_loop_lag_seconds`);
-one past STALL_LOG_S is logged as a warning, since a liveness probe behind it would have waited
-as long. 50 wake-ups a second: about 0.1% of a core.
+asked it woke: a loop held up for L seconds shows as a wake-up at least L - TICK_S late.
+/metrics shows the delays as a Prometheus histogram (`coldstart_event_loop_lag_seconds`); one
+past STALL_LOG_S is logged as a warning, since a liveness probe behind it would have waited as
+long. 50 wake-ups a second cost 4 ms of CPU a second on uvloop on this repository's machine kind
+(0.4% of a core; 40 ms in 10 s against 1 ms for the loop alone).
 """
 
 from __future__ import annotations
