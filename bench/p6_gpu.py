@@ -398,7 +398,8 @@ def level_table(results: dict[str, Any]) -> list[str]:
     """One row per server, mode and level: aggregate tokens/s, TTFT and probe latencies."""
     head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
     head += ["latency p50 s", "/healthz (llama-server: /health) p50/p99/max ms"]
-    head += ["/readyz p50/p99 ms", "loop wake-ups late > 5/10/25 ms", "errors"]
+    head += ["/readyz p50/p99 ms", "loop wake-ups late > 5/10/25 ms"]
+    head += ["/healthz > 10 ms: n (requests begun meanwhile, for the rest)", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in ("anchor", "anchor_bs", "slots", "runtime", "llama"):
         r = results.get(key)
@@ -409,7 +410,9 @@ def level_table(results: dict[str, Any]) -> list[str]:
                 cells += [ms(ttft.get("p50")), ms(ttft.get("p99")), str(lat.get("p50", "-"))]
                 health = f.get("healthz_ms") or f.get("health_ms")
                 cells += [probe_cell(health, top=True), probe_cell(f.get("readyz_ms"))]
-                cells += [lag_cell(f.get("loop_lag")), str(sum(f["errors"].values()))]
+                cells += [lag_cell(f.get("loop_lag"))]
+                company = f.get("healthz_company") or f.get("health_company")
+                cells += [company_cell(company), str(sum(f["errors"].values()))]
                 lines.append("| " + " | ".join(cells) + " |")
     return lines
 
@@ -443,6 +446,13 @@ def probe_cell(found: dict[str, float] | None, top: bool = False) -> str:
         return "-"
     cell = f"{found['p50']:.1f}/{found['p99']:.1f}"
     return f"{cell}/{found['max']:.1f}" if top else cell
+
+
+def company_cell(found: dict[str, float] | None) -> str:
+    """Slow probes: how many, and the requests begun while they waited against the others'."""
+    if not found:
+        return "-"
+    return f"{found['slow']} ({found['slow_company']:g}, {found['fast_company']:g})"
 
 
 def lag_cell(found: dict[str, int] | None) -> str:

@@ -15,9 +15,11 @@ before and after): a slow probe with a punctual loop waited somewhere else.
 
 from __future__ import annotations
 
+import bisect
 import http.client
 import json
 import multiprocessing
+import statistics
 import threading
 import time
 from collections.abc import Callable
@@ -147,6 +149,12 @@ def summarize(
         if s.error is not None:
             errors[s.error] = errors.get(s.error, 0) + 1
     ttfts = [s.ttft_s for s in inside if s.ttft_s is not None]
+    starts = {name[:-3]: probes.pop(name) for name in list(probes) if name.endswith("_at")}
+    company = {
+        f"{name}_company": probe_company(samples, at, probes[name])
+        for name, at in starts.items()
+        if name in probes
+    }
     return {
         "clients": clients,
         "window_s": round(window[1] - window[0], 3),
@@ -156,6 +164,35 @@ def summarize(
         "ttft_s": percentiles(ttfts) if ttfts else None,
         "latency_s": percentiles([s.ended - s.started for s in inside]) if inside else None,
         **{f"{name}_ms": ms_percentiles(values) for name, values in probes.items() if values},
+        **company,
+    }
+
+
+SLOW_PROBE_S = 0.010  # the issue's /healthz target
+COMPANY_BEFORE_S = 0.050
+
+
+def probe_company(
+    samples: list[Sample], starts: list[float], latencies: list[float]
+) -> dict[str, float | int]:
+    """How many of the load's requests started while each probe waited (from COMPANY_BEFORE_S
+    before it was sent until it was answered), on average for the probes slower than
+    SLOW_PROBE_S and for the others: a slow probe with many more for company waited behind
+    requests arriving together (the closed loop's clients finish and reconnect in step)."""
+    begun = sorted(s.started for s in samples)
+
+    def company(start: float, latency: float) -> int:
+        return bisect.bisect_right(begun, start + latency) - bisect.bisect_left(
+            begun, start - COMPANY_BEFORE_S
+        )
+
+    slow = [company(a, d) for a, d in zip(starts, latencies, strict=True) if d > SLOW_PROBE_S]
+    fast = [company(a, d) for a, d in zip(starts, latencies, strict=True) if d <= SLOW_PROBE_S]
+    return {
+        "slow": len(slow),
+        "slow_company": round(statistics.fmean(slow), 1) if slow else 0,
+        "fast": len(fast),
+        "fast_company": round(statistics.fmean(fast), 1) if fast else 0,
     }
 
 
@@ -230,6 +267,7 @@ def probe(port: int, window: tuple[float, float], out: dict[str, list[float]]) -
             conn.getresponse().read()
             out[path].append(time.perf_counter() - started)
             out.setdefault(f"{path}_connect", []).append(connected - started)
+            out.setdefault(f"{path}_at", []).append(started)  # perf_counter: one clock for all
         except OSError:
             pass  # a probe that fails is absent from the figures, as it would be from a kubelet's
         finally:
