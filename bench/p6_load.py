@@ -30,7 +30,9 @@ from bench.common import percentiles
 from bench.runtime_api_server import RuntimeAPIServer
 
 # Fifty probes a second, alternating /healthz and /readyz: 200 of each per 8 s window, so that
-# p99 is not simply the slowest one (as it was at ten a second).
+# p99 is not simply the slowest one (as it was at ten a second); as many again on the kept-open
+# connection. Together about 3% of a core of our process on this repository's machine kind (a
+# fresh /healthz cost it 200 us of CPU, a fresh /readyz 585 us, in 2,000 sequential probes).
 PROBE_INTERVAL_S = 0.02
 OUR_PROBES = ("healthz", "readyz")
 PROMPT = "Once upon a time"
