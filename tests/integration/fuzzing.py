@@ -234,6 +234,23 @@ def llama_server_env() -> dict[str, str]:
 # ------------------------------------------------------------------ checks
 
 
+def check_stream(text: str, where: str) -> None:
+    """A streamed 2xx answer: every event but the end parses and is no error; it ends as its API
+    ends a stream."""
+    blocks = [b for b in text.split("\n\n") if b.strip()]
+    named = bool(blocks) and blocks[0].startswith("event: ")
+    data = [line[6:] for b in blocks for line in b.split("\n") if line.startswith("data: ")]
+    assert data, f"{where}: {text[-300:]!r}"
+    if named:
+        events = [json.loads(d) for d in data]
+        assert all(e["type"] != "error" for e in events), f"{where}: {text[-300:]!r}"
+        assert events[-1]["type"] in RESPONSE_ENDS, f"{where}: {text[-300:]!r}"
+        return
+    assert data[-1] == "[DONE]", f"{where}: {text[-300:]!r}"
+    for event in data[:-1]:
+        assert "error" not in json.loads(event), f"{where}: {event}"
+
+
 def assert_openai_error(payload: Any, where: str) -> None:
     """`payload` is exactly `{"error": {"message", "type", "param", "code"}}`."""
     assert isinstance(payload, dict) and set(payload) == {"error"}, f"{where}: {payload!r}"
@@ -245,16 +262,18 @@ def assert_openai_error(payload: Any, where: str) -> None:
     assert error["code"] is None or isinstance(error["code"], str), where
 
 
+# How a stream of the Responses API ends: named events, no [DONE] after the last.
+RESPONSE_ENDS = ("response.completed", "response.incomplete")
+
+
 def check_http(status: int, content_type: str, body: bytes, where: str) -> None:
-    """No 5xx; a 2xx stream ends with [DONE] and carries no error; any other status is an
-    OpenAI error object."""
+    """No 5xx; a 2xx stream carries no error and ends as its API ends one (chat and text
+    completions: [DONE]; the Responses API's named events: response.completed or
+    response.incomplete); any other status is an OpenAI error object."""
     assert status < 500, f"{where}: {status} {body[:500]!r}"
     if 200 <= status < 300:
         if content_type.startswith("text/event-stream"):
-            events = [e[6:] for e in body.decode().split("\n\n") if e.startswith("data: ")]
-            assert events and events[-1] == "[DONE]", f"{where}: {body[-300:]!r}"
-            for event in events[:-1]:
-                assert "error" not in json.loads(event), f"{where}: {event}"
+            check_stream(body.decode(), where)
         return
     assert content_type.startswith("application/json"), f"{where}: {content_type}"
     assert_openai_error(json.loads(body), f"{where}: {status}")
