@@ -16,6 +16,7 @@ import bisect
 import logging
 import threading
 import time
+from itertools import accumulate
 
 from handler.telemetry import Histogram
 
@@ -59,8 +60,4 @@ class LoopLag(Histogram):
         """(upper bounds, cumulative count per bound and then +Inf, sum of delays)."""
         with self._lock:
             counts, total = list(self._counts), self._sum
-        cumulative, running = [], 0
-        for count in counts:
-            running += count
-            cumulative.append(running)
-        return BUCKETS_S, cumulative, total
+        return BUCKETS_S, list(accumulate(counts)), total

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import socket
 import threading
+from typing import Any
 
 
 class LoopbackServer:
@@ -37,3 +39,31 @@ class LoopbackServer:
         self.listener.close()
         for thread in self._threads:
             thread.join(5)
+
+
+def read_request(conn: socket.socket, pending: bytes) -> tuple[bytes, bytes, bytes] | None:
+    """The next HTTP/1.1 request on `conn`, `pending` being what was read past the last one:
+    (its head, its body, what follows it), or None once the client has closed the connection."""
+    data = pending
+    while b"\r\n\r\n" not in data:
+        more = conn.recv(65536)
+        if not more:
+            return None
+        data += more
+    head, _, data = data.partition(b"\r\n\r\n")
+    length = 0
+    for line in head.split(b"\r\n"):
+        if line.lower().startswith(b"content-length:"):
+            length = int(line.split(b":")[1])
+    while len(data) < length:
+        data += conn.recv(65536)
+    return head, data[:length], data[length:]
+
+
+def answer_json(conn: socket.socket, payload: Any, extra_headers: bytes = b"") -> None:
+    """A 200 with `payload` as its JSON body (and `extra_headers`, each ending in CRLF)."""
+    body = json.dumps(payload).encode()
+    conn.sendall(
+        b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d"
+        b"\r\n\r\n%s" % (extra_headers, len(body), body)
+    )

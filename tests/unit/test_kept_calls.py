@@ -5,7 +5,6 @@ and the call still succeeds; no more than KEEP_MAX are kept; stopping closes wha
 
 from __future__ import annotations
 
-import json
 import socket
 import threading
 from collections.abc import Iterator
@@ -16,7 +15,7 @@ import pytest
 from handler.config import load_settings
 from handler.engine.llama_server import process
 from handler.engine.llama_server.process import LlamaServer
-from tests.unit.loopback import LoopbackServer
+from tests.unit.loopback import LoopbackServer, answer_json, read_request
 
 
 class KeepAlive(LoopbackServer):
@@ -36,34 +35,21 @@ class KeepAlive(LoopbackServer):
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
+            pending = b""
             served = 0
             while True:
-                while b"\r\n\r\n" not in data:
-                    more = conn.recv(65536)
-                    if not more:
-                        self.ended.set()
-                        return
-                    data += more
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":")[1])
-                while len(data) < length:
-                    data += conn.recv(65536)
+                request = read_request(conn, pending)
+                if request is None:
+                    self.ended.set()
+                    return
+                head, _, pending = request
                 self.requests.append(head)
-                data = data[length:]
                 if served == 0:
                     self.together.wait(5)
                 served += 1
-                body = json.dumps({"n": len(self.requests)}).encode()
                 closing = self.close_after is not None and served == self.close_after
                 extra = b"Connection: close\r\n" if closing else b""
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n%sContent-Length: %d"
-                    b"\r\n\r\n%s" % (extra, len(body), body)
-                )
+                answer_json(conn, {"n": len(self.requests)}, extra)
                 if closing or self.drop:
                     return
 

@@ -8,7 +8,7 @@ import socket
 import threading
 
 from bench.p6_load import HTTPSender, Sample, lag_in_window, probe_company
-from tests.unit.loopback import LoopbackServer
+from tests.unit.loopback import LoopbackServer, answer_json, read_request
 
 
 class Completions(LoopbackServer):
@@ -23,30 +23,16 @@ class Completions(LoopbackServer):
 
     def _serve(self, conn: socket.socket) -> None:
         with conn:
-            data = b""
+            pending = b""
             while True:
-                while b"\r\n\r\n" not in data:
-                    more = conn.recv(65536)
-                    if not more:
-                        self.ended.set()
-                        return
-                    data += more
-                head, _, data = data.partition(b"\r\n\r\n")
-                length = next(
-                    int(line.split(b":")[1])
-                    for line in head.split(b"\r\n")
-                    if line.lower().startswith(b"content-length:")
-                )
-                while len(data) < length:
-                    data += conn.recv(65536)
-                assert json.loads(data[:length])["stream"] is False
-                data = data[length:]
+                request = read_request(conn, pending)
+                if request is None:
+                    self.ended.set()
+                    return
+                _, body, pending = request
+                assert json.loads(body)["stream"] is False
                 self.answered += 1
-                body = json.dumps({"usage": {"completion_tokens": 5}}).encode()
-                conn.sendall(
-                    b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: %d"
-                    b"\r\n\r\n%s" % (len(body), body)
-                )
+                answer_json(conn, {"usage": {"completion_tokens": 5}})
                 if self.drop:
                     return
 
