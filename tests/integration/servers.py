@@ -10,11 +10,14 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import IO
 
 import httpx
 
 from bench.common import emulator_command, free_port, invoke_url, poll, serve_command, stop
 from tests.conftest import ROOT, model_path
+
+LOG_TAIL_CHARS = 2000
 
 
 def _env(extra: dict[str, str] | None) -> dict[str, str]:
@@ -25,10 +28,21 @@ def _env(extra: dict[str, str] | None) -> dict[str, str]:
 
 
 def wait_until(
-    check: Callable[[], bool], timeout_s: float, proc: subprocess.Popen[bytes] | None = None
+    check: Callable[[], bool],
+    timeout_s: float,
+    proc: subprocess.Popen[bytes] | None = None,
+    log: IO[bytes] | None = None,
 ) -> None:
-    """Poll `check()` until true (httpx errors count as not yet); fail early if `proc` died."""
-    poll(check, timeout_s, 0.05, proc=proc, retry_on=(httpx.HTTPError,))
+    """Poll `check()` until true (httpx errors count as not yet); fail early if `proc` died,
+    with the tail of its `log`."""
+    try:
+        poll(check, timeout_s, 0.05, proc=proc, retry_on=(httpx.HTTPError,))
+    except (RuntimeError, TimeoutError) as exc:
+        if log is None:
+            raise
+        log.seek(0)
+        tail = log.read().decode("utf-8", "replace")[-LOG_TAIL_CHARS:]
+        raise type(exc)(f"{exc}; its log ends:\n{tail}") from None
 
 
 @contextmanager
@@ -49,7 +63,7 @@ def http_server(env: dict[str, str] | None = None, ready: bool = True) -> Iterat
         base = f"http://127.0.0.1:{port}"
         try:
             path = "/readyz" if ready else "/healthz"
-            wait_until(lambda: httpx.get(base + path, timeout=1).status_code == 200, 60, proc)
+            wait_until(lambda: httpx.get(base + path, timeout=1).status_code == 200, 60, proc, log)
             yield base
         finally:
             stop(proc, grace_s=10)
@@ -62,16 +76,18 @@ def lambda_emulator(
     """The real Lambda Runtime Interface Emulator running our handler (awslambdaric, or
     `command`); yields the invoke URL."""
     port, api_port = free_port(), free_port()
-    proc = subprocess.Popen(
-        emulator_command(port, api_port, command),
-        env=_env(env),
-        cwd=ROOT,
-        start_new_session=True,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        wait_until(lambda: httpx.get(f"http://127.0.0.1:{port}/", timeout=1) is not None, 30, proc)
-        yield invoke_url(port)
-    finally:
-        stop(proc, grace_s=10)
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(
+            emulator_command(port, api_port, command),
+            env=_env(env),
+            cwd=ROOT,
+            start_new_session=True,
+            stdout=subprocess.DEVNULL,
+            stderr=log,
+        )
+        try:
+            url = f"http://127.0.0.1:{port}/"
+            wait_until(lambda: httpx.get(url, timeout=1) is not None, 30, proc, log)
+            yield invoke_url(port)
+        finally:
+            stop(proc, grace_s=10)

@@ -13,7 +13,6 @@ import logging
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import threading
 import time
@@ -23,6 +22,7 @@ from typing import Any
 from handler.config import Settings
 from handler.engine.llama_server.upstream import BrokenAnswer, Connection
 from handler.errors import ContextLengthExceeded, ModelNotReady
+from handler.ports import free_port
 
 log = logging.getLogger("coldstart.llama_server")
 
@@ -105,7 +105,7 @@ class LlamaServer:
         binary = shutil.which(self.settings.llama_server_bin)
         if binary is None:
             raise ServerError(f"LLAMA_SERVER_BIN {self.settings.llama_server_bin!r} not found")
-        self.port = _free_port()
+        self.port = free_port()
         command = server_command(self.settings, self.model_path, self.port)
         command[0] = binary
         log.info("starting %s", shlex.join(command))
@@ -325,9 +325,3 @@ def server_error(status: int, data: bytes) -> Exception:
     if isinstance(error, dict) and error.get("type") == "exceed_context_size_error":
         return ContextLengthExceeded(message, param="messages")
     return ServerError(f"llama-server answered {status}: {message}")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return int(s.getsockname()[1])
