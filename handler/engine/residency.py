@@ -8,6 +8,7 @@ shim that keeps llama.cpp's mmap from reading the whole file at load is in this 
 
 from __future__ import annotations
 
+import functools
 import threading
 import time
 from pathlib import Path
@@ -17,8 +18,12 @@ from handler.config import Settings
 from handler.model_source.prefetch import Prefetch, resident_bytes
 
 
+@functools.cache
 def lazy_mmap_active() -> bool:
-    """Whether the lazy_mmap shim (no MAP_POPULATE on model mappings) is loaded in this process."""
+    """Whether the lazy_mmap shim (no MAP_POPULATE on model mappings) is loaded in this process.
+
+    Read once: the shim comes in by LD_PRELOAD, at exec, and /readyz asks on the event loop at
+    every probe."""
     try:
         with open("/proc/self/maps") as maps:
             return any("liblazy_mmap" in line for line in maps)
