@@ -117,10 +117,16 @@ def gpu_memory_mib() -> float | None:
 
 
 def load_levels(
-    port: int, levels: list[int], args: argparse.Namespace, *, probes: tuple[str, ...]
+    port: int,
+    levels: list[int],
+    args: argparse.Namespace,
+    *,
+    probes: tuple[str, ...],
+    health_port: int | None = None,
 ) -> dict[str, Any]:
     """Closed loops at each level, streamed and buffered, and the latency of the server's health
-    paths `probes` under the load (ours: /healthz and /readyz; llama-server: /health)."""
+    paths `probes` under the load (ours: /healthz and /readyz; llama-server: /health), and of
+    /healthz on our `health_port`."""
     body = p6_load.request_body(args.max_tokens)
     found: dict[str, Any] = {}
     for mode in args.modes:
@@ -135,6 +141,7 @@ def load_levels(
                 window_s=args.window_s,
                 probe_port=port,
                 probe_paths=probes,
+                health_port=health_port,
             )
             for level in levels
         }
@@ -181,7 +188,8 @@ def measure(
         row["prompt_tps"] = statistics.median(p["prompt_tokens"] / p["ttft_s"] for p in prompts)
         row["prompt_tps_server"] = server_prompt_rate(log.read_text(errors="replace"))
         probes = p6_load.OUR_PROBES if ready_path == "/readyz" else (ready_path.strip("/"),)
-        row["levels"] = load_levels(port, levels, args, probes=probes)
+        health_port = int(env["HEALTH_PORT"]) if "HEALTH_PORT" in env else None
+        row["levels"] = load_levels(port, levels, args, probes=probes, health_port=health_port)
         row["gpu_memory_mib"] = gpu_memory_mib()
     row["log"] = log.name
     print(json.dumps(row), flush=True)
@@ -345,7 +353,7 @@ def main() -> None:
         save()
     if "slots" in args.only:
         port = free_port()
-        slots_env = {**env, "INFERENCE_ENGINE": "llama-server"}
+        slots_env = {**env, "INFERENCE_ENGINE": "llama-server", "HEALTH_PORT": str(free_port())}
         name = "ours INFERENCE_ENGINE=llama-server"
         results["slots"] = measure(
             name, serve_command(port), slots_env, port, ready_path="/readyz",
@@ -358,6 +366,7 @@ def main() -> None:
     if "llama" in args.only:
         port = free_port()
         llama_env = {**env, "INFERENCE_ENGINE": "llama", "MAX_CONCURRENCY": "1"}
+        llama_env["HEALTH_PORT"] = str(free_port())
         name = "ours INFERENCE_ENGINE=llama"
         results["llama"] = measure(
             name, serve_command(port), llama_env, port, ready_path="/readyz",
@@ -398,7 +407,8 @@ def level_table(results: dict[str, Any]) -> list[str]:
     """One row per server, mode and level: aggregate tokens/s, TTFT and probe latencies."""
     head = ["server", "mode", "clients", "tok/s", "TTFT p50 ms", "TTFT p99 ms"]
     head += ["latency p50 s", "/healthz (llama-server: /health) p50/p99/max ms"]
-    head += ["/readyz p50/p99 ms", "loop wake-ups late > 5/10/25 ms"]
+    head += ["/readyz p50/p99 ms", "HEALTH_PORT /healthz p50/p99/max ms"]
+    head += ["loop wake-ups late > 5/10/25 ms"]
     head += ["/healthz > 10 ms: n (requests begun meanwhile, for the rest)", "errors"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for key in ("anchor", "anchor_bs", "slots", "runtime", "llama"):
@@ -410,6 +420,7 @@ def level_table(results: dict[str, Any]) -> list[str]:
                 cells += [ms(ttft.get("p50")), ms(ttft.get("p99")), str(lat.get("p50", "-"))]
                 health = f.get("healthz_ms") or f.get("health_ms")
                 cells += [probe_cell(health, top=True), probe_cell(f.get("readyz_ms"))]
+                cells += [probe_cell(f.get("port_healthz_ms"), top=True)]
                 cells += [lag_cell(f.get("loop_lag"))]
                 company = f.get("healthz_company") or f.get("health_company")
                 cells += [company_cell(company), str(sum(f["errors"].values()))]

@@ -69,9 +69,11 @@ def closed_loop(
     window_s: float,
     probe_port: int | None = None,
     probe_paths: tuple[str, ...] = OUR_PROBES,
+    health_port: int | None = None,
 ) -> dict[str, Any]:
     """`clients` clients sending back to back through the warm-up and the window; the figures
-    (with `probe_port`, the latencies of `probe_paths` there under the load)."""
+    (with `probe_port`, the latencies of `probe_paths` there under the load; with `health_port`,
+    of /healthz on our HEALTH_PORT too, as `port_healthz*`)."""
     samples: list[Sample] = []
     lock = threading.Lock()
     start = time.perf_counter()
@@ -88,6 +90,7 @@ def closed_loop(
 
     threads = [threading.Thread(target=client, daemon=True) for _ in range(clients)]
     prober = Prober(probe_port, window, probe_paths) if probe_port is not None else None
+    health = Prober(health_port, window, ("healthz",)) if health_port is not None else None
     for thread in threads:
         thread.start()
     lag_before = loop_lag(probe_port, window[0]) if probe_port is not None else None
@@ -95,6 +98,8 @@ def closed_loop(
     for thread in threads:
         thread.join()
     probes = prober.result() if prober is not None else {}
+    if health is not None:
+        probes.update({f"port_{name}": values for name, values in health.result().items()})
     found = summarize(samples, window, clients, probes)
     if lag_before is not None and lag_after is not None:
         found["loop_lag"] = lag_in_window(lag_before, lag_after)

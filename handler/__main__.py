@@ -52,7 +52,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"coldstart: {exc}", file=sys.stderr)
         return 2
     if args.command == "serve":
-        return serve_http(settings, args.host or settings.host, args.port or settings.port)
+        port = args.port or settings.port
+        if settings.health_port == port:
+            print(f"coldstart: HEALTH_PORT={port} is the API's own port", file=sys.stderr)
+            return 2
+        return serve_http(settings, args.host or settings.host, port)
     return 2  # pragma: no cover - argparse rejects unknown commands
 
 
@@ -101,8 +105,17 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
     from handler.web.plain_app import LazyFastAPI, PlainApp
 
     service = OpenAIService(engine, settings)
+    health_port = None
+    on_wake = None
+    if settings.health_port is not None:
+        from handler.web.health_port import HealthPort
+
+        health_port = HealthPort(host, settings.health_port, settings.health_stale_s)
+        admission = service.admission
+        on_wake = health_port.poster(lambda: engine.state.value, lambda: admission.in_flight)
     fallback = LazyFastAPI(service, watch_disconnect=True)
-    app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True, loop_lag=LoopLag())
+    loop_lag = LoopLag(on_wake)
+    app = PlainApp(service, settings, fallback=fallback, watch_disconnect=True, loop_lag=loop_lag)
     engine.app_built()  # the storage is free for the engine's read-ahead
     freeze_after_load(engine)  # the stack and the app out of the collector's full passes
     exit_on_sigterm()  # after uvicorn's graceful shutdown, the engine is closed below
@@ -117,9 +130,11 @@ def serve_http(settings: Settings, host: str, port: int) -> int:
             access_log=False,
             loop="uvloop",
             http="httptools",
-            lifespan="off",  # nothing to start or stop; the fallback would build FastAPI for it
+            lifespan="on",  # the plain app answers it: its loop timer starts with the server
         )
     finally:
+        if health_port is not None:
+            health_port.stop()
         engine.close()
     return 0
 

@@ -204,6 +204,15 @@ class Settings:
     # Server mode
     host: str = "127.0.0.1"
     port: int = setting(8000, ge=1, le=65535)
+    health_port: int | None = setting(
+        None,
+        ge=1,
+        le=65535,
+        description="/healthz and /readyz from a process of their own, never behind requests",
+    )
+    health_stale_s: float = setting(
+        2.0, gt=0, description="HEALTH_PORT: liveness fails once the loop is stuck this long"
+    )
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
     # Lambda runtime: which Runtime API client runs the function (docs/runtime.md)

@@ -16,6 +16,7 @@ import bisect
 import logging
 import threading
 import time
+from collections.abc import Callable
 from itertools import accumulate
 
 from handler.telemetry import Histogram
@@ -30,11 +31,12 @@ BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 class LoopLag(Histogram):
     """The delays of one event loop's timer wake-ups, cumulative per bucket."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_wake: Callable[[], None] | None = None) -> None:
         self._counts = [0] * (len(BUCKETS_S) + 1)  # the last one: above every bucket
         self._sum = 0.0
         self._lock = threading.Lock()
         self._task: asyncio.Task[None] | None = None
+        self._on_wake = on_wake  # at each wake-up, on the loop: HEALTH_PORT's heartbeat
 
     def start(self) -> None:
         """Watch the running loop from now on (once; later calls do nothing)."""
@@ -42,11 +44,16 @@ class LoopLag(Histogram):
             self._task = asyncio.get_running_loop().create_task(self.run())
 
     async def run(self) -> None:
-        """Sleep TICK_S, note how late the wake-up came, forever."""
+        """Sleep TICK_S, note how late the wake-up came (and call `on_wake`), forever."""
         while True:
             asked = time.perf_counter()
             await asyncio.sleep(TICK_S)
             self.note(max(0.0, time.perf_counter() - asked - TICK_S))
+            if self._on_wake is not None:
+                try:
+                    self._on_wake()
+                except Exception:  # the lag figures go on whatever the hook does
+                    log.exception("loop timer hook failed")
 
     def note(self, delay_s: float) -> None:
         """Count one wake-up `delay_s` late."""

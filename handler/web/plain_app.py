@@ -96,10 +96,13 @@ class PlainApp:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if self._loop_lag is not None:
-            self._loop_lag.start()  # on the serving loop, which exists from the first request
+            self._loop_lag.start()  # on the serving loop (lifespan startup, or the first request)
+        if scope["type"] == "lifespan":
+            await _lifespan(receive, send)
+            return
         if not self.speaks(scope):
             if self._fallback is None:
-                return  # lifespan and websockets: nothing to do
+                return  # websockets: nothing to do
             # On a thread: building the FastAPI app imports it (0.25 s), which would stall
             # every stream on this loop meanwhile.
             fallback = await asyncio.to_thread(self._fallback)
@@ -201,6 +204,18 @@ async def _serve_sse(send: Send, receive: Receive, lines: AsyncIterator[str]) ->
     error = None if sending.cancelled() else sending.exception()
     if error is not None:
         raise error
+
+
+async def _lifespan(receive: Receive, send: Send) -> None:
+    """ASGI lifespan, answered here (nothing to set up beyond the loop timer, started by the
+    caller): handing it to the fallback would build FastAPI for nothing."""
+    while True:
+        message = await receive()
+        if message["type"] == "lifespan.startup":
+            await send({"type": "lifespan.startup.complete"})
+        elif message["type"] == "lifespan.shutdown":
+            await send({"type": "lifespan.shutdown.complete"})
+            return
 
 
 async def _send_sse_lines(send: Send, lines: AsyncIterator[str]) -> None:

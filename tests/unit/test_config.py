@@ -110,6 +110,9 @@ def test_booleans_take_the_usual_words(text, expected):
         ({"INIT_BUDGET_S": "nan"}, "finite"),
         ({"S3_CONCURRENCY": "65"}, "less than or equal to 64"),
         ({"MODEL_URI": "  "}, "must not be empty"),
+        ({"HEALTH_PORT": "0"}, "greater than or equal to 1"),
+        ({"HEALTH_PORT": "70000"}, "less than or equal to 65535"),
+        ({"HEALTH_STALE_S": "0"}, "greater than 0"),
     ],
 )
 def test_invalid_values_say_why(env, reason):
@@ -158,3 +161,9 @@ def test_config_imports_without_pydantic():
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     )
     assert result.stdout.strip() == "False"
+
+
+def test_the_health_port_is_off_unless_set():
+    assert load_settings({}).health_port is None
+    settings = load_settings({"HEALTH_PORT": "8081", "HEALTH_STALE_S": "5"})
+    assert (settings.health_port, settings.health_stale_s) == (8081, 5.0)

@@ -53,7 +53,12 @@ def test_deployment_probes_our_routes_and_asks_for_a_gpu():
     settings = check_environment(env)
     assert settings.inference_engine == "llama-server"
     assert settings.n_gpu_layers == -1
-    assert settings.port == c["ports"][0]["containerPort"]
+    ports = {p["name"]: p["containerPort"] for p in c["ports"]}
+    assert settings.port == ports["http"]
+    # Every probe goes to the health responder's port, which never queues behind requests.
+    assert settings.health_port == ports["probes"]
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        assert c[probe]["httpGet"]["port"] == "probes"
     assert settings.max_concurrency == settings.parallel_slots
 
 
@@ -83,7 +88,7 @@ def test_ecs_task_asks_for_a_gpu_and_checks_readiness():
     task = json.loads(ECS_TASK.read_text())
     c = task["containerDefinitions"][0]
     assert {"type": "GPU", "value": "1"} in c["resourceRequirements"]
-    assert any("/readyz" in part for part in c["healthCheck"]["command"])
     settings = check_environment({e["name"]: e["value"] for e in c["environment"]})
+    assert any(f":{settings.health_port}/readyz" in part for part in c["healthCheck"]["command"])
     assert settings.inference_engine == "llama-server"
     assert settings.port == c["portMappings"][0]["containerPort"]

@@ -65,3 +65,26 @@ def test_a_stall_a_probe_would_notice_is_logged(caplog):
         assert not caplog.records
         lag.note(STALL_LOG_S + 0.05)
     assert "event loop ran 300 ms late" in caplog.records[0].getMessage()
+
+
+def test_each_wake_up_calls_the_hook_and_a_failing_hook_stops_nothing(caplog):
+    calls: list[float] = []
+
+    def hook() -> None:
+        calls.append(time.perf_counter())
+        if len(calls) == 2:
+            raise RuntimeError("a bad hook")
+
+    lag = LoopLag(on_wake=hook)
+    metrics = Metrics()
+    metrics.watch("event_loop_lag_seconds", "how late", lag)
+
+    async def run_a_while() -> None:
+        lag.start()
+        await asyncio.sleep(TICK_S * 6)
+
+    with caplog.at_level(logging.ERROR, logger="coldstart.api"):
+        asyncio.run(run_a_while())
+    assert len(calls) >= 3  # the wake-ups after the failing one still came
+    assert histogram(metrics)["count"] == len(calls)
+    assert "loop timer hook failed" in caplog.text

@@ -1,0 +1,180 @@
+"""P-probe-burst: /healthz while many requests start at once, on our API port and on HEALTH_PORT,
+against llama-server alone's /health under the same bursts.
+
+A closed loop's clients finish together and start their next requests together; every such
+burst is tens of milliseconds of Python work in our process (RESULTS.md), and a probe that comes
+meanwhile waits behind it on the API port. HEALTH_PORT's responder is a process of its own that
+reads the loop's heartbeat (handler/web/health_responder.py). Each burst here: `--clients`
+threads send one streamed one-token completion at the same instant (a barrier), and for
+`--probe-s` from then on, a prober alternates fresh-connection GETs on the two ports:
+
+    .venv/bin/python -m bench.p_probe_burst --model /tmp/tiny/tiny.gguf --rounds 2
+
+(the tiny synthetic model from ../shared/gpu/synth_gguf.py: the child's work is small, so the
+burst is mostly ours). Then the same bursts against llama-server alone (its /completion, its
+/health). Latency percentiles per port over all bursts; the ratio is p99 against llama-server's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    LLAMA_CPP_BIN,
+    MODEL,
+    free_port,
+    http_ok,
+    median,
+    percentiles,
+    poll,
+    serve_command,
+    slots_env,
+    spawn,
+)
+
+PROBE_GAP_S = 0.003
+SETTLE_S = 0.2  # between bursts: the slots are free again
+
+
+def get_ms(port: int, path: str) -> float:
+    """A GET on a new connection (as a kubelet probes); milliseconds to the whole answer."""
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+    started = time.perf_counter()
+    try:
+        conn.request("GET", path)
+        conn.getresponse().read()
+        return (time.perf_counter() - started) * 1000
+    finally:
+        conn.close()
+
+
+def post(port: int, path: str, body: bytes) -> None:
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    try:
+        conn.request("POST", path, body, {"Content-Type": "application/json"})
+        response = conn.getresponse()
+        response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{path} answered {response.status}")
+    finally:
+        conn.close()
+
+
+def bursts(
+    send: Callable[[], None],
+    probes: dict[str, Callable[[], float]],
+    clients: int,
+    count: int,
+    probe_s: float,
+) -> dict[str, list[float]]:
+    """`count` bursts of `clients` requests at one instant; each probe's latencies during them."""
+    found: dict[str, list[float]] = {name: [] for name in probes}
+    errors: list[Exception] = []
+
+    def client(barrier: threading.Barrier) -> None:
+        barrier.wait()
+        try:
+            send()
+        except (OSError, RuntimeError, http.client.HTTPException) as exc:  # after the burst
+            errors.append(exc)
+
+    for _ in range(count):
+        barrier = threading.Barrier(clients + 1)
+        threads = [threading.Thread(target=client, args=(barrier,)) for _ in range(clients)]
+        for thread in threads:
+            thread.start()
+        barrier.wait()
+        until = time.perf_counter() + probe_s
+        while time.perf_counter() < until:
+            for name, probe in probes.items():
+                found[name].append(probe())
+            time.sleep(PROBE_GAP_S)
+        for thread in threads:
+            thread.join()
+        if errors:
+            raise RuntimeError(f"a burst's request failed: {errors[0]!r}")
+        time.sleep(SETTLE_S)
+    return found
+
+
+def ours(args: argparse.Namespace) -> dict[str, list[float]]:
+    """Our server on INFERENCE_ENGINE=llama-server with a HEALTH_PORT; both ports probed."""
+    port, health_port = free_port(), free_port()
+    env = {
+        **slots_env(args.model, slots=args.clients, threads=1),
+        "HEALTH_PORT": str(health_port),
+        "MAX_QUEUE": str(args.clients),
+        "LOG_LEVEL": "warning",
+    }
+    body = json.dumps(
+        {"prompt": "Hello there", "max_tokens": 1, "temperature": 0, "stream": True}
+    ).encode()
+    with spawn(serve_command(port), env) as proc:
+        poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.01, proc=proc)
+        poll(lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz"), 30, 0.01, proc=proc)
+        return bursts(
+            lambda: post(port, "/v1/completions", body),
+            {
+                "ours /healthz, API port": lambda: get_ms(port, "/healthz"),
+                "ours /healthz, HEALTH_PORT": lambda: get_ms(health_port, "/healthz"),
+            },
+            args.clients,
+            args.bursts,
+            args.probe_s,
+        )
+
+
+def anchor(args: argparse.Namespace) -> dict[str, list[float]]:
+    """llama-server alone, as our child runs it: the same bursts on its /completion."""
+    port = free_port()
+    command = [
+        str(args.bin / "llama-server"),
+        *("-m", str(args.model), "--host", "127.0.0.1", "--port", str(port)),
+        *("-np", str(args.clients), "-t", "1", "-c", str(64 * args.clients)),
+    ]
+    body = json.dumps(
+        {"prompt": "Hello there", "n_predict": 1, "temperature": 0, "stream": True}
+    ).encode()
+    with spawn(command, {}) as proc:
+        poll(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, 0.01, proc=proc)
+        return bursts(
+            lambda: post(port, "/completion", body),
+            {"llama-server alone /health": lambda: get_ms(port, "/health")},
+            args.clients,
+            args.bursts,
+            args.probe_s,
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", type=Path, default=MODEL)
+    parser.add_argument("--bin", type=Path, default=LLAMA_CPP_BIN)
+    parser.add_argument("--clients", type=int, default=64)
+    parser.add_argument("--bursts", type=int, default=20, help="per round")
+    parser.add_argument("--probe-s", type=float, default=0.15, help="probing after each start")
+    parser.add_argument("--rounds", type=int, default=2)
+    args = parser.parse_args()
+    rounds: list[dict[str, Any]] = []
+    for _ in range(args.rounds):
+        found = {**anchor(args), **ours(args)}
+        rounds.append({name: percentiles(values) for name, values in found.items()})
+    base = median([r["llama-server alone /health"]["p99"] for r in rounds])
+    print(f"{'probe':30} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99 x llama-server':>19}")
+    for name in rounds[0]:
+        p50, p99, top = (median([r[name][k] for r in rounds]) for k in ("p50", "p99", "max"))
+        print(f"{name:30} {p50:7.1f} {p99:7.1f} {top:7.1f} {p99 / base:18.1f}x")
+    print("per round (p99 ms): " + "; ".join(
+        ", ".join(f"{name.split(' /')[0]} {r[name]['p99']:.1f}" for name in r) for r in rounds
+    ))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
