@@ -13,6 +13,8 @@ threads send one streamed one-token completion at the same instant (a barrier), 
 (the tiny synthetic model from ../shared/gpu/synth_gguf.py: the child's work is small, so the
 burst is mostly ours). Then the same bursts against llama-server alone (its /completion, its
 /health). Latency percentiles per port over all bursts; the ratio is p99 against llama-server's.
+Before its probed bursts, as many unprobed ones give our process's CPU per request: its main
+thread's (the event loop's) and its other threads' (pool, collector), from /proc.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from bench.common import (
 )
 
 PROBE_GAP_S = 0.003
+TICKS_PER_S = 100  # USER_HZ: /proc's clock ticks on Linux
 SETTLE_S = 0.2  # between bursts: the slots are free again
 
 
@@ -92,7 +95,7 @@ def bursts(
             thread.start()
         barrier.wait()
         until = time.perf_counter() + probe_s
-        while time.perf_counter() < until:
+        while probes and time.perf_counter() < until:
             for name, probe in probes.items():
                 found[name].append(probe())
             time.sleep(PROBE_GAP_S)
@@ -104,8 +107,29 @@ def bursts(
     return found
 
 
-def ours(args: argparse.Namespace) -> dict[str, list[float]]:
-    """Our server on INFERENCE_ENGINE=llama-server with a HEALTH_PORT; both ports probed."""
+def thread_cpu_s(pid: int) -> tuple[float, float]:
+    """utime + stime of `pid`'s main thread (the event loop) and of its other threads."""
+    main = rest = 0.0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            seconds = cpu_s_of(task / "stat")
+        except FileNotFoundError:
+            continue  # a thread that ended meanwhile
+        if task.name == str(pid):
+            main += seconds
+        else:
+            rest += seconds
+    return main, rest
+
+
+def cpu_s_of(stat: Path) -> float:
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
+def ours(args: argparse.Namespace) -> dict[str, Any]:
+    """Our server on INFERENCE_ENGINE=llama-server with a HEALTH_PORT: first bursts without
+    probes, for our CPU per request by thread; then bursts with both ports probed."""
     port, health_port = free_port(), free_port()
     env = {
         **slots_env(args.model, slots=args.clients, threads=1),
@@ -119,7 +143,15 @@ def ours(args: argparse.Namespace) -> dict[str, list[float]]:
     with spawn(serve_command(port), env) as proc:
         poll(lambda: http_ok(f"http://127.0.0.1:{port}/readyz"), 60, 0.01, proc=proc)
         poll(lambda: http_ok(f"http://127.0.0.1:{health_port}/readyz"), 30, 0.01, proc=proc)
-        return bursts(
+        before = thread_cpu_s(proc.pid)
+        bursts(lambda: post(port, "/v1/completions", body), {}, args.clients, args.bursts, 0.0)
+        after = thread_cpu_s(proc.pid)
+        requests = args.clients * args.bursts
+        cpu = {
+            "loop_us": (after[0] - before[0]) / requests * 1e6,
+            "other_us": (after[1] - before[1]) / requests * 1e6,
+        }
+        return cpu, bursts(
             lambda: post(port, "/v1/completions", body),
             {
                 "ours /healthz, API port": lambda: get_ms(port, "/healthz"),
@@ -163,14 +195,22 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=2)
     args = parser.parse_args()
     rounds: list[dict[str, Any]] = []
+    cpu: list[dict[str, float]] = []
     for _ in range(args.rounds):
-        found = {**anchor(args), **ours(args)}
+        ours_cpu, ours_found = ours(args)
+        found = {**anchor(args), **ours_found}
         rounds.append({name: percentiles(values) for name, values in found.items()})
+        cpu.append(ours_cpu)
     base = median([r["llama-server alone /health"]["p99"] for r in rounds])
     print(f"{'probe':30} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} {'p99 x llama-server':>19}")
     for name in rounds[0]:
         p50, p99, top = (median([r[name][k] for r in rounds]) for k in ("p50", "p99", "max"))
         print(f"{name:30} {p50:7.1f} {p99:7.1f} {top:7.1f} {p99 / base:18.1f}x")
+    loop, other = (median([c[k] for c in cpu]) for k in ("loop_us", "other_us"))
+    loops = ", ".join(f"{c['loop_us']:.0f}" for c in cpu)
+    others = ", ".join(f"{c['other_us']:.0f}" for c in cpu)
+    print(f"our CPU per request in a burst: {loop:.0f} us on the event loop ({loops}), ")
+    print(f"{other:.0f} us on the other threads ({others}); /proc counts in 10 ms ticks")
     print("per round (p99 ms): " + "; ".join(
         ", ".join(f"{name.split(' /')[0]} {r[name]['p99']:.1f}" for name in r) for r in rounds
     ))  # fmt: skip

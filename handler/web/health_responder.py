@@ -3,9 +3,9 @@ its own from what the serving loop posts on the probe board (`handler.web.probe_
 
 Why a process: in the serving process every request is Python work under one GIL. When 64
 clients finish together and start 64 requests at once, that is tens of milliseconds of work
-(about 1 ms of our CPU a request on this repository's machine kind, half of it on the event
-loop: bench/RESULTS.md), and a probe that arrives then waits behind all of it, on the loop or for
-the GIL, whatever its route does. Here nothing else runs: a probe costs a few syscalls.
+(about 1.2 ms of our CPU a request on this repository's machine kind, half of it on the
+event loop: bench/RESULTS.md), and a probe that arrives then waits behind all of it, on the loop
+or for the GIL, whatever its route does. Here nothing else runs: a probe costs a few syscalls.
 
 It still tells the truth about the server. The loop posts a heartbeat every 20 ms; a heartbeat
 older than HEALTH_STALE_S means the loop has been stuck that long, and liveness answers 503
@@ -15,7 +15,7 @@ process that started it goes (checked every POLL_S), and on SIGTERM.
 
 Run as `python -m handler.web.health_responder --host H --port P --board-fd N --parent PID
 --stale-s S` by `handler.web.health_port`; it imports nothing beyond the standard library and
-the board, so it is up in tens of milliseconds.
+the board: its first answer comes about 55 ms after the spawn.
 """
 
 from __future__ import annotations
