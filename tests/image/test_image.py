@@ -312,6 +312,36 @@ def test_http_server_mode() -> None:
         container.remove()
 
 
+def test_http_server_mode_with_a_health_port() -> None:
+    """The server with HEALTH_PORT: the health responder answers on it (here the published
+    port), inside the read-only, non-root container, while the API serves on its own port."""
+    api = "8081"
+    env = {"PORT": api, "HEALTH_PORT": "8080"}
+    container = start(["python", "-m", "handler", "serve"], env=env)
+    try:
+        assert container.wait_http("/readyz", want={200}) == 200
+        status, _, raw = container.request("/healthz")
+        assert status == 200
+        assert json.loads(raw)["state"] in ("ready", "warm")
+        chat = json.dumps(load_event("direct-chat.json"))
+        ask = (
+            "import sys, urllib.request as u; "
+            f"r = u.Request('http://127.0.0.1:{api}/v1/chat/completions', "
+            "data=sys.argv[1].encode(), headers={'content-type': 'application/json'}); "
+            "print(u.urlopen(r, timeout=120).read().decode())"
+        )
+        answer = engine("exec", container.name, "python", "-c", ask, chat, timeout=180)
+        check_chat(json.loads(answer))
+        # The request warmed the model; the board follows.
+        deadline = time.monotonic() + 10
+        while json.loads(container.request("/healthz")[2])["state"] != "warm":
+            assert time.monotonic() < deadline, "the health port never saw the warm state"
+            time.sleep(0.05)
+    finally:
+        save_logs(container, "server-health-port")
+        container.remove()
+
+
 def test_response_stream_mode(config: dict[str, Any]) -> None:
     """INVOKE_MODE=RESPONSE_STREAM: the image's command runs our Runtime API loop, which streams
     a prelude, 8 NUL bytes, then the SSE body."""
