@@ -287,6 +287,15 @@ def cpu_pressure(stall_before: int | None, wall_s: float) -> float | None:
     return round((stall_after - stall_before) / (wall_s * 1e6), 3)
 
 
+TICKS_PER_S = 100  # USER_HZ: /proc's clock ticks on Linux
+
+
+def cpu_seconds(stat: Path) -> float:
+    """utime + stime from a /proc stat file (a process's, or one thread's under task/)."""
+    fields = stat.read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+
+
 def median(values: list[float]) -> float:
     """Median of a non-empty list."""
     return statistics.median(values)

@@ -31,6 +31,7 @@ from typing import Any
 from bench.common import (
     LLAMA_CPP_BIN,
     MODEL,
+    cpu_seconds,
     free_port,
     http_ok,
     median,
@@ -40,22 +41,15 @@ from bench.common import (
     slots_env,
     spawn,
 )
+from bench.p_probe_cost import fresh_get
 
 PROBE_GAP_S = 0.003
-TICKS_PER_S = 100  # USER_HZ: /proc's clock ticks on Linux
 SETTLE_S = 0.2  # between bursts: the slots are free again
 
 
 def get_ms(port: int, path: str) -> float:
     """A GET on a new connection (as a kubelet probes); milliseconds to the whole answer."""
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
-    started = time.perf_counter()
-    try:
-        conn.request("GET", path)
-        conn.getresponse().read()
-        return (time.perf_counter() - started) * 1000
-    finally:
-        conn.close()
+    return fresh_get(port, path.lstrip("/")) * 1000
 
 
 def post(port: int, path: str, body: bytes) -> None:
@@ -112,7 +106,7 @@ def thread_cpu_s(pid: int) -> tuple[float, float]:
     main = rest = 0.0
     for task in Path(f"/proc/{pid}/task").iterdir():
         try:
-            seconds = cpu_s_of(task / "stat")
+            seconds = cpu_seconds(task / "stat")
         except FileNotFoundError:
             continue  # a thread that ended meanwhile
         if task.name == str(pid):
@@ -120,11 +114,6 @@ def thread_cpu_s(pid: int) -> tuple[float, float]:
         else:
             rest += seconds
     return main, rest
-
-
-def cpu_s_of(stat: Path) -> float:
-    fields = stat.read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
 
 
 def ours(args: argparse.Namespace) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from bench import p6_load
 from bench.common import (
     MODEL,
     ROOT,
+    cpu_seconds,
     free_port,
     http_ok,
     median,
@@ -37,13 +38,10 @@ from bench.common import (
     spawn,
 )
 
-TICKS_PER_S = 100  # USER_HZ: /proc's clock ticks on Linux
-
 
 def cpu_s(pid: int) -> float:
     """utime + stime of the process `pid` itself (its threads, not its children)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS_PER_S
+    return cpu_seconds(Path(f"/proc/{pid}/stat"))
 
 
 def load(port: int, clients: int, requests: int, body: dict[str, Any], stream: bool) -> int:
