@@ -52,14 +52,19 @@ def serving(extra: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], st
 
 
 def responder_pids(parent: int) -> list[int]:
-    """The health responders whose parent is `parent`."""
-    found = subprocess.run(
-        ["pgrep", "-P", str(parent), "-f", "handler.web.health_responder"],
-        check=False,  # pgrep exits 1 when it finds none
-        capture_output=True,
-        text=True,
-    )
-    return [int(pid) for pid in found.stdout.split()]
+    """The health responders whose parent is `parent` (from /proc: no procps needed)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent and b"health_responder" in cmdline:
+            found.append(int(entry.name))
+    return found
 
 
 def gone(pid: int) -> bool:
