@@ -36,6 +36,7 @@ from handler.web.probe_board import Posted, ProbeBoard
 POLL_S = 0.25  # how often the parent's presence is checked when no probe comes
 REQUEST_TIMEOUT_S = 5.0  # a connection that has not sent its request head by then is dropped
 MAX_HEAD_BYTES = 8192
+ACCEPT_RETRY_S = 0.05  # after an accept that failed for want of resources
 SERVABLE = ("ready", "warm")
 
 
@@ -110,8 +111,9 @@ class Responder:
                 conn, _ = self.listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError:
-                return  # out of descriptors, say: the next select tries again
+            except OSError:  # out of descriptors, say: the listener stays readable, so
+                time.sleep(ACCEPT_RETRY_S)  # wait a little rather than spin on it
+                return
             conn.setblocking(False)
             self._pending[conn] = (time.monotonic(), b"")
             self.selector.register(conn, selectors.EVENT_READ, "probe")

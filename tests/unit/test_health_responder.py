@@ -120,3 +120,41 @@ def test_a_connection_that_never_sends_its_head_is_dropped(responder, monkeypatc
         assert conn.recv(4096) == b""  # closed by the responder, unanswered
     board.post("warm", 0)
     assert parse(exchange(port, b"GET /healthz HTTP/1.1\r\n\r\n"))[0] == 200  # still serving
+
+
+class ListenerOutOfDescriptors:
+    """A listening socket whose accept fails as when the process has no descriptor left."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4)
+        self.accepts = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def setblocking(self, flag: bool) -> None:
+        self.sock.setblocking(flag)
+
+    def accept(self) -> tuple[socket.socket, object]:
+        self.accepts += 1
+        raise OSError(24, "Too many open files")
+
+
+def test_a_failing_accept_is_retried_after_a_pause_not_in_a_spin(monkeypatch):
+    pauses: list[float] = []
+    monkeypatch.setattr(health_responder.time, "sleep", pauses.append)
+    listener = ListenerOutOfDescriptors()
+    board = ProbeBoard.create()
+    try:
+        with socket.create_connection(listener.sock.getsockname(), timeout=5):
+            # The pending connection keeps the listener readable, as it would stay.
+            serving = Responder(listener, board, stale_s=2.0)  # type: ignore[arg-type]
+            rounds = iter(range(5))
+            serving.serve_while(lambda: next(rounds, None) is not None)
+        assert listener.accepts == 5  # one attempt a pass...
+        assert pauses == [health_responder.ACCEPT_RETRY_S] * 5  # ...each followed by a pause
+    finally:
+        listener.sock.close()
+        board.close()
