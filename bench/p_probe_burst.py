@@ -41,7 +41,7 @@ from bench.common import (
     slots_env,
     spawn,
 )
-from bench.p_probe_cost import fresh_get
+from bench.p_probe_cost import fresh_get, llama_server_alone
 
 PROBE_GAP_S = 0.003
 SETTLE_S = 0.2  # between bursts: the slots are free again
@@ -153,13 +153,11 @@ def ours(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def anchor(args: argparse.Namespace) -> dict[str, list[float]]:
-    """llama-server alone, as our child runs it: the same bursts on its /completion."""
+    """llama-server alone, a slot per client: the same bursts on its /completion."""
     port = free_port()
-    command = [
-        str(args.bin / "llama-server"),
-        *("-m", str(args.model), "--host", "127.0.0.1", "--port", str(port)),
-        *("-np", str(args.clients), "-t", "1", "-c", str(64 * args.clients)),
-    ]
+    command = llama_server_alone(
+        args.bin, args.model, port, slots=args.clients, ctx=64 * args.clients
+    )
     body = json.dumps(
         {"prompt": "Hello there", "n_predict": 1, "temperature": 0, "stream": True}
     ).encode()

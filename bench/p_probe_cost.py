@@ -97,14 +97,20 @@ def ours(tree: Path, args: argparse.Namespace) -> dict[str, Any]:
         return probe_costs(proc.pid, port, OUR_PATHS, args.probes)
 
 
-def anchor(args: argparse.Namespace) -> dict[str, Any]:
-    """One round of llama-server alone, as our child runs it."""
-    port = free_port()
-    command = [
-        str(args.bin / "llama-server"),
-        *("-m", str(args.model), "--host", "127.0.0.1", "--port", str(port)),
-        *("-np", "4", "-t", "1", "-c", "4096"),
+def llama_server_alone(bin_dir: Path, model: Path, port: int, slots: int, ctx: int) -> list[str]:
+    """The anchor: llama-server alone on `model` with `slots` slots sharing `ctx` tokens, one
+    thread (our child runs with one here too, from slots_env)."""
+    return [
+        str(bin_dir / "llama-server"),
+        *("-m", str(model), "--host", "127.0.0.1", "--port", str(port)),
+        *("-np", str(slots), "-t", "1", "-c", str(ctx)),
     ]
+
+
+def anchor(args: argparse.Namespace) -> dict[str, Any]:
+    """One round of llama-server alone, with as many slots as ours."""
+    port = free_port()
+    command = llama_server_alone(args.bin, args.model, port, slots=4, ctx=4096)
     with spawn(command, {}) as proc:
         poll(lambda: http_ok(f"http://127.0.0.1:{port}/health"), 60, 0.01, proc=proc)
         return probe_costs(proc.pid, port, (ANCHOR_PATH,), args.probes)

@@ -6,6 +6,7 @@ The commands, ports and polling are bench/common.py's, shared with the benchmark
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator
@@ -48,6 +49,15 @@ def wait_until(
 @contextmanager
 def http_server(env: dict[str, str] | None = None, ready: bool = True) -> Iterator[str]:
     """`python -m handler serve` on a free port; yields the base URL (no /v1)."""
+    with http_server_process(env, ready) as (_, base):
+        yield base
+
+
+@contextmanager
+def http_server_process(
+    env: dict[str, str] | None = None, ready: bool = True
+) -> Iterator[tuple[subprocess.Popen[bytes], str]]:
+    """`http_server`, yielding its process too (for a test that signals it)."""
     port = free_port()
     # The log goes to a file: a pipe nobody reads fills after ~64 KB of log lines and then
     # blocks the server mid-request.
@@ -64,8 +74,10 @@ def http_server(env: dict[str, str] | None = None, ready: bool = True) -> Iterat
         try:
             path = "/readyz" if ready else "/healthz"
             wait_until(lambda: httpx.get(base + path, timeout=1).status_code == 200, 60, proc, log)
-            yield base
+            yield proc, base
         finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGCONT)  # a test that stopped it must not hang here
             stop(proc, grace_s=10)
 
 

@@ -7,7 +7,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -16,9 +15,9 @@ from pathlib import Path
 import httpx
 import pytest
 
-from bench.common import free_port, poll, serve_command, stop
+from bench.common import free_port, poll, serve_command
 from tests.conftest import ROOT
-from tests.integration.servers import _env, wait_until
+from tests.integration.servers import _env, http_server_process, wait_until
 
 pytestmark = pytest.mark.integration
 
@@ -28,27 +27,10 @@ STALE_S = 0.5
 @contextmanager
 def serving(extra: dict[str, str]) -> Iterator[tuple[subprocess.Popen[bytes], str, str]]:
     """The server with a health port; (its process, the API's base URL, the health port's)."""
-    port, health = free_port(), free_port()
-    env = _env({"HEALTH_PORT": str(health), "HEALTH_STALE_S": str(STALE_S), **extra})
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(
-            serve_command(port),
-            env=env,
-            cwd=ROOT,
-            start_new_session=True,
-            stdout=subprocess.DEVNULL,
-            stderr=log,
-        )
-        try:
-            base, probes = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{health}"
-            wait_until(
-                lambda: httpx.get(base + "/healthz", timeout=1).status_code == 200, 60, proc, log
-            )
-            yield proc, base, probes
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGCONT)  # a test that stopped it must not hang here
-            stop(proc, grace_s=10)
+    health = free_port()
+    env = {"HEALTH_PORT": str(health), "HEALTH_STALE_S": str(STALE_S), **extra}
+    with http_server_process(env, ready=False) as (proc, base):
+        yield proc, base, f"http://127.0.0.1:{health}"
 
 
 def responder_pids(parent: int) -> list[int]:
