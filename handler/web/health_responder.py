@@ -62,7 +62,13 @@ def answer(method: str, path: str, posted: Posted | None, stale_s: float) -> byt
     return _response(503, body, {"Retry-After": retry}, head_only)
 
 
-REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed"}
+REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    503: "Service Unavailable",
+}
 
 
 def _response(
@@ -72,9 +78,8 @@ def _response(
     head_only: bool = False,
 ) -> bytes:
     content = json.dumps(body, separators=(",", ":")).encode()
-    reason = REASONS.get(status, "Service Unavailable")
     lines = [
-        f"HTTP/1.1 {status} {reason}",
+        f"HTTP/1.1 {status} {REASONS[status]}",
         "Content-Type: application/json",
         f"Content-Length: {len(content)}",
         "Connection: close",
