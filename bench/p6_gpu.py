@@ -80,10 +80,14 @@ def stream(port: int, body: dict[str, Any]) -> dict[str, float]:
     }
 
 
-def llama_bench(bin_dir: Path, model: Path, ngl: int) -> dict[str, Any]:
-    """llama-bench pp512 and tg128 (5 repetitions each), all layers on the GPU when ngl < 0."""
+def llama_bench(
+    bin_dir: Path, model: Path, ngl: int, flash_attn: str | None = None
+) -> dict[str, Any]:
+    """llama-bench pp512 and tg128 (5 repetitions each), all layers on the GPU when ngl < 0, with
+    its default flash attention unless `flash_attn` ("0", "1") is given."""
     cmd = [str(bin_dir / "llama-bench"), "-m", str(model), "-p", "512", "-n", "128", "-r", "5"]
     cmd += ["-ngl", "99" if ngl < 0 else str(ngl), "-o", "json"]
+    cmd += ["-fa", flash_attn] if flash_attn is not None else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
     rows = json.loads(out)
     result: dict[str, Any] = {"command": " ".join(cmd)}

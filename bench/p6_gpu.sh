@@ -9,8 +9,10 @@
 #
 # STAGES (default "p6"): "p6" runs `python -m bench.p6_gpu` on the 2.35 GB model; "cold" writes
 # two more models (about 8 and 16 GB), builds the lazy_mmap shim and runs `python -m
-# bench.p6_gpu_cold` (spawn -> first token, page cache dropped) on all three; "p6 cold" runs both.
-# P6_ARGS and COLD_ARGS are passed on to the two benchmarks.
+# bench.p6_gpu_cold` (spawn -> first token, page cache dropped) on all three; "p6 cold" runs both;
+# "one" runs `python -m bench.p6_one_stream` (one stream's decode against llama-bench's tg128,
+# llama-server alone with our command line and one change at a time) on the 2.35 GB model.
+# P6_ARGS, COLD_ARGS and ONE_ARGS are passed on to the three benchmarks.
 set -uo pipefail
 STAGES=${STAGES:-p6}
 END=$((SECONDS + ${P6_TIME_S:-570}))
@@ -87,7 +89,14 @@ done
 echo "== build and models ready ($((SECONDS - t0))s waited)"; tail -2 "$W/build.log"
 ls -la "$W"/*.gguf
 rc=0
-if [[ " $STAGES " == *" p6 "* ]]; then
+if [[ " $STAGES " == *" one "* ]]; then
+  timeout $((END - SECONDS)) python3 -m bench.p6_one_stream --model "$W/model.gguf" \
+    --bin "$BUILD/bin" --out "$W/one" --resume ${ONE_ARGS:-}
+  rc=$?
+  cp "$W/one/one-stream.json" "$W/one/one-stream.md" "$W/out/machine.txt" "$OUT/" 2>/dev/null
+  tar czf "$OUT/one-logs.tgz" -C "$W/one" --exclude=one-stream.json . 2>/dev/null
+fi
+if [ $rc -eq 0 ] && [[ " $STAGES " == *" p6 "* ]]; then
   timeout $((END - SECONDS)) python3 -m bench.p6_gpu --model "$W/model.gguf" --bin "$BUILD/bin" \
     --out "$W/out" --resume ${P6_ARGS:-}
   rc=$?
