@@ -11,8 +11,9 @@
 # two more models (about 8 and 16 GB), builds the lazy_mmap shim and runs `python -m
 # bench.p6_gpu_cold` (spawn -> first token, page cache dropped) on all three; "p6 cold" runs both;
 # "one" runs `python -m bench.p6_one_stream` (one stream's decode against llama-bench's tg128,
-# llama-server alone with our command line and one change at a time) on the 2.35 GB model.
-# P6_ARGS, COLD_ARGS and ONE_ARGS are passed on to the three benchmarks.
+# llama-server alone with our command line and one change at a time) on the 2.35 GB model; "loop"
+# runs `python -m bench.p6_decode_loop` (llama.cpp's decode loop in our process, no server).
+# P6_ARGS, COLD_ARGS and ONE_ARGS are passed on to three of the benchmarks.
 set -uo pipefail
 STAGES=${STAGES:-p6}
 END=$((SECONDS + ${P6_TIME_S:-570}))
@@ -89,7 +90,14 @@ done
 echo "== build and models ready ($((SECONDS - t0))s waited)"; tail -2 "$W/build.log"
 ls -la "$W"/*.gguf
 rc=0
-if [[ " $STAGES " == *" one "* ]]; then
+if [[ " $STAGES " == *" loop "* ]]; then
+  timeout $((END - SECONDS)) python3 -m bench.p6_decode_loop --model "$W/model.gguf" \
+    --bin "$BUILD/bin" --out "$W/loop" >"$W/loop.log" 2>&1
+  rc=$?
+  grep -v "^llama_\|^load\|^print_info\|^ggml_\|^graph_\|^sched_\|^~" "$W/loop.log" | tail -20
+  cp "$W/loop/decode-loop.json" "$W/loop/decode-loop.md" "$OUT/" 2>/dev/null
+fi
+if [ $rc -eq 0 ] && [[ " $STAGES " == *" one "* ]]; then
   timeout $((END - SECONDS)) python3 -m bench.p6_one_stream --model "$W/model.gguf" \
     --bin "$BUILD/bin" --out "$W/one" --resume ${ONE_ARGS:-}
   rc=$?
