@@ -16,9 +16,12 @@ Needs llama_cpp importable with LLAMA_CPP_LIB_PATH pointing at the build's libll
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
+import sys
 import time
+import types
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +76,18 @@ def decode_rates(
     }
 
 
+def bindings() -> Any:
+    """llama_cpp's ctypes bindings alone: the package's __init__ imports the high-level Llama
+    class and its dependencies (diskcache, jinja2), which a GPU machine's kit may lack."""
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.submodule_search_locations is None:
+        raise SystemExit("llama_cpp is not importable")
+    package = types.ModuleType("llama_cpp")
+    package.__path__ = list(spec.submodule_search_locations)
+    sys.modules.setdefault("llama_cpp", package)
+    return importlib.import_module("llama_cpp.llama_cpp")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", type=Path, required=True)
@@ -87,8 +102,7 @@ def main() -> None:
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {"llama_bench": llama_bench(args.bin, args.model, args.ngl)}
-    # Imported after llama-bench ran: its own process had the GPU to itself.
-    import llama_cpp as llama
+    llama = bindings()
 
     llama.llama_backend_init()
     model_params = llama.llama_model_default_params()
